@@ -1,0 +1,391 @@
+"""Pipeline configuration: frozen dataclasses, strict YAML loading, dotted overrides.
+
+A configuration file is YAML that mirrors `PipelineConfig`. Loading is strict: an
+unknown key or a value of the wrong type is a `ConfigError` naming the dotted path
+(`ppo.kl_target`, `models.pythia-70m.lora_r`). A file may start with
+`extends: tiny` (or `paper`, or a path) to inherit a preset and change only a few
+fields. Command-line overrides are `a.b.c=value` strings, parsed as YAML scalars and
+applied before validation, so they get the same checks.
+
+Two presets ship in `slmrl_ray/presets/`: `paper` (the study's recipe, SPEC 1.2, with
+the five hub models and three hub corpora) and `tiny` (tiny models built from config
+on generated corpora: the offline, laptop-scale demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CORPUS_KINDS = ("tinystories", "cnn_dailymail", "wikitext")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the dotted path."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A tiny model built from config instead of downloaded (the offline preset).
+
+    The tokenizer (byte-level BPE) is trained on the project's generated corpora and
+    the model is pretrained briefly on them, so SFT starts from a model that already
+    writes the corpora's language. Results are cached by a hash of these fields.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    vocab_size: int = 1024
+    pretrain_documents: int = 1500  # per corpus style
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 16
+    pretrain_block_size: int = 128
+    pretrain_learning_rate: float = 3e-3
+    seed: int = 1234  # distinct from the data seed: pretraining text is not the run's data
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One base model: a hub id or local folder, or a tiny model built from config."""
+
+    family: Literal["gpt_neox", "llama"]
+    lora_r: int  # SFT/RM/PPO LoRA rank; alpha = lora.alpha_per_rank * r
+    name_or_path: str | None = None  # hub id or local folder (from_pretrained)
+    tiny: TinyModelConfig | None = None  # set for the offline preset instead of a path
+    revision: str | None = None  # hub revision to pin, when loading from the hub
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("a model needs exactly one of `name_or_path` and `tiny`")
+        if self.lora_r <= 0:
+            raise ConfigError("`lora_r` must be positive")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where a corpus comes from; `kind` picks its preference-pair strategy and prompt format."""
+
+    kind: Literal["tinystories", "cnn_dailymail", "wikitext"]
+    source: Literal["hub", "local", "generated"]
+    path: str | None = None  # hub dataset id, or a local file/folder
+    hub_config: str | None = None  # e.g. "3.0.0" for cnn_dailymail
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.source != "generated" and not self.path:
+            raise ConfigError(f"a corpus with source {self.source!r} needs a `path`")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    num_documents: int = 10_000
+    seed: int = 42
+    heldout_fraction: float = 0.05
+    max_heldout: int = 500
+    pair_heldout_fraction: float = 0.05
+    max_heldout_pairs: int = 300
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    alpha_per_rank: float = 2.0  # the study: alpha = 2r
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    epochs: float = 5.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 4
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.06
+    neftune_alpha: float | None = 5.0
+    max_length: int = 512  # packed block length
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    epochs: float = 2.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 2
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_length: int = 512
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    score_batch_size: int = 32  # batch size when the RM scores (held-out, PPO, eval)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    steps: int = 250
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 4
+    ppo_epochs: int = 2
+    learning_rate: float = 5e-6
+    max_grad_norm: float = 0.5
+    init_kl_coef: float = 0.2
+    kl_target: float | None = 6.0  # None: fixed KL coefficient
+    kl_horizon: int = 10_000
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    score_clip: float = 3.0  # running score normalisation, then clip to +-score_clip
+    ratio_threshold: float = 5.0  # skip a mini-batch whose mean importance ratio exceeds it
+    whiten_advantages: bool = True
+    max_prompt_length: int = 512
+    max_new_tokens: int = 96
+    temperature: float = 0.9
+    top_p: float = 0.95
+    top_k: int = 50
+    fp32_below_params: int = 200_000_000  # bf16 ratios explode below ~200M (SPEC 1.3)
+    checkpoint_every: int = 25
+    max_rollbacks: int = 5  # non-finite steps tolerated (each restores the last healthy state)
+    max_empty_fraction: float = 0.5  # a rollout with more empty responses stops the stage
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_prompts: int = 200
+    prompt_chars: int = 200
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_prompt_length: int = 512
+    ppl_max_length: int = 1024
+    batch_size: int = 16
+    seed: int = 1234
+    num_bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One configuration of the study: a model key and a corpus key plus every stage's settings."""
+
+    model: str
+    corpus: str
+    models: dict[str, ModelConfig]
+    corpora: dict[str, CorpusConfig]
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    output_dir: str = "runs"
+    cache_dir: str | None = None  # tiny-model cache; default ~/.cache/slmrl_ray
+
+    def __post_init__(self) -> None:
+        if self.model not in self.models:
+            raise ConfigError(f"model: {self.model!r} is not one of {sorted(self.models)}")
+        if self.corpus not in self.corpora:
+            raise ConfigError(f"corpus: {self.corpus!r} is not one of {sorted(self.corpora)}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.models[self.model]
+
+    @property
+    def corpus_config(self) -> CorpusConfig:
+        return self.corpora[self.corpus]
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` (recursively), returning the typed value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:  # raised by a __post_init__ check
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from None
+    except TypeError as error:  # a required key is missing
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(f"{prefix}{missing[0]}: required key is missing") from None
+        raise ConfigError(f"{path or 'config'}: {error}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    result = json.loads(json.dumps(data))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected the form a.b.c=value")
+        parts = key.split(".")
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return result
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(known)})")
+    return path
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file into a plain dict, resolving `extends` (a preset name or a path)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a preset name or a path")
+    candidate = Path(parent) if parent.endswith((".yaml", ".yml")) else preset_path(parent)
+    if not candidate.is_absolute():
+        candidate = path.parent / candidate
+    return _deep_merge(load_raw(candidate, _seen + (path,)), data)
+
+
+def config_from_dict(data: Mapping) -> PipelineConfig:
+    return _build(PipelineConfig, data, "")
+
+
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] = ()
+) -> PipelineConfig:
+    """Load a config file or a preset (exactly one), apply overrides, validate strictly."""
+    if (path is None) == (preset is None):
+        raise ConfigError("give either a config file or a preset")
+    data = load_raw(path if path is not None else preset_path(preset))
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def to_dict(config: Any) -> dict:
+    """The config as JSON-ready plain data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections (dataclasses or plain data)."""
+    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    blob = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
