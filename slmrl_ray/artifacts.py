@@ -1,0 +1,106 @@
+"""Stage artifact folders: how stages hand off to each other (and to Tune and Serve).
+
+A run of one configuration lives in `<output_dir>/<model>/<corpus>/` with one folder per
+stage (data, sft, reward, ppo, eval). A finished stage folder holds its outputs
+(weights as safetensors), the resolved config as `config.json`, its metrics as
+`metrics.json`, and last of all `stage.json`, whose fingerprint (a hash of the config
+sections that produced the stage, chained through its inputs) says whether the stage
+is done for the current config. A rerun skips every stage whose fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from slmrl_ray.config import PipelineConfig, fingerprint, to_dict
+
+STAGES = ("data", "sft", "reward", "ppo", "eval")
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def no_report(metrics: dict[str, Any]) -> None:
+    """The default reporter: stages run without Ray (Tune passes its own)."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def for_config(cls, config: PipelineConfig) -> "RunPaths":
+        return cls(Path(config.output_dir) / config.model / config.corpus)
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+        return self.root / name
+
+    @property
+    def data(self) -> Path:
+        return self.stage("data")
+
+    @property
+    def sft(self) -> Path:
+        return self.stage("sft")
+
+    @property
+    def reward(self) -> Path:
+        return self.stage("reward")
+
+    @property
+    def ppo(self) -> Path:
+        return self.stage("ppo")
+
+    @property
+    def eval(self) -> Path:
+        return self.stage("eval")
+
+
+def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
+    """Each stage's fingerprint covers its own config and, through the chain, its inputs'."""
+    data = fingerprint(config.corpus, config.corpus_config, config.data)
+    sft = fingerprint(data, config.model, config.model_config, config.lora, config.sft, config.seed)
+    reward = fingerprint(sft, config.reward)
+    ppo = fingerprint(reward, config.ppo)
+    return {"data": data, "sft": sft, "reward": reward, "ppo": ppo, "eval": fingerprint(ppo, config.eval)}
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (a crash never leaves a truncated file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
+    os.replace(scratch, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def is_stage_done(paths: RunPaths, stage: str, config: PipelineConfig) -> bool:
+    marker = paths.stage(stage) / "stage.json"
+    if not marker.exists():
+        return False
+    return read_json(marker).get("fingerprint") == stage_fingerprints(config)[stage]
+
+
+def mark_stage_done(
+    paths: RunPaths, stage: str, config: PipelineConfig, metrics: dict[str, Any], wall_time_s: float
+) -> None:
+    folder = paths.stage(stage)
+    write_json(folder / "config.json", to_dict(config))
+    write_json(folder / "metrics.json", metrics)
+    write_json(
+        folder / "stage.json",
+        {
+            "stage": stage,
+            "fingerprint": stage_fingerprints(config)[stage],
+            "wall_time_s": round(wall_time_s, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )

@@ -1,0 +1,119 @@
+"""The `slmrl-ray` command line.
+
+    slmrl-ray run --preset tiny --model pythia-70m --corpus tinystories
+    slmrl-ray run --config my.yaml ppo.init_kl_coef=0.1 ppo.steps=100
+    slmrl-ray config --preset paper --model smollm2-360m      # print the resolved config
+
+`run` executes one configuration end to end without Ray, resuming at the first
+unfinished stage when rerun, and prints the study's results row. Trailing `a.b.c=value`
+arguments override any config field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from slmrl_ray.artifacts import STAGES
+from slmrl_ray.config import ConfigError, PRESETS_DIR, load_config, to_dict
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    source.add_argument(
+        "--preset", choices=presets, help="a shipped preset (default: tiny, the offline demo)"
+    )
+    source.add_argument("--config", metavar="FILE", help="a YAML config file (may say `extends: tiny`)")
+    parser.add_argument("--model", help="model key, e.g. pythia-70m, smollm2-135m")
+    parser.add_argument("--corpus", "--dataset", dest="corpus", help="corpus key: tinystories, cnn_dailymail, wikitext")
+    parser.add_argument("--output-dir", help="where run folders go (default from the config: runs)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. ppo.steps=100 sft.learning_rate=1e-4"
+    )
+
+
+def _config_from_args(args: argparse.Namespace):
+    overrides = []
+    for key, value in (("model", args.model), ("corpus", args.corpus),
+                       ("output_dir", args.output_dir), ("device", args.device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides.extend(args.overrides)
+    if args.config:
+        return load_config(path=args.config, overrides=overrides)
+    return load_config(preset=args.preset or "tiny", overrides=overrides)
+
+
+def _quiet_libraries() -> None:
+    """Keep progress bars and our own lines; drop the libraries' load reports and hints."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    _quiet_libraries()
+    from slmrl_ray.pipeline import format_row, results_row, run_pipeline
+
+    stages = args.stages or list(STAGES)
+    print(f"slmrl-ray: {config.model} x {config.corpus} -> {config.output_dir}/{config.model}/{config.corpus}")
+    results = run_pipeline(config, stages=stages)
+    if "eval" in results:
+        print()
+        print(format_row(results_row(results["eval"])))
+    else:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slmrl-ray",
+        description="RLHF for small language models: data -> SFT (LoRA) -> reward model -> PPO -> evaluation.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="run one configuration end to end (no Ray needed)",
+        description="Run one (model, corpus) configuration end to end. Finished stages are "
+        "skipped on a rerun; PPO resumes from its last checkpoint. Ends with the results row.",
+    )
+    _add_config_arguments(run)
+    run.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages (in order)")
+    run.set_defaults(func=cmd_run)
+    show = commands.add_parser(
+        "config",
+        help="print the resolved config as YAML",
+        description="Print the fully resolved config (preset or file, plus overrides) as YAML; "
+        "a good starting point for your own config file.",
+    )
+    _add_config_arguments(show)
+    show.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"slmrl-ray: config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

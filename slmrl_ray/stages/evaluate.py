@@ -1,0 +1,121 @@
+"""Evaluation stage: the study's metrics for the SFT and PPO policies (SPEC 1.4).
+
+Both policies answer the same held-out prompts with the same seeded sampling (each
+prompt batch gets the same seed for both, so differences come from the policies, not
+the dice) and are scored by the same reward model. Reported per policy: token-weighted
+perplexity over prompt + "\\n\\n" + reference, reward mean/std(population)/min/max,
+distinct-1/2/3, ROUGE-1/2/L F1 and BLEU (the real score, plus the 4-gram precision the
+study reported as "BLEU-4"); and across them: delta reward, the analytical win rate
+Phi(delta / sqrt(s_sft^2 + s_ppo^2)) and a paired empirical win rate with a bootstrap
+95% interval. Writes `evaluation_results.json` and `samples_<policy>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from slmrl_ray import metrics
+from slmrl_ray.artifacts import Reporter, RunPaths, no_report, write_json
+from slmrl_ray.config import EvalConfig, PipelineConfig
+from slmrl_ray.data import RESPONSE_SEPARATOR, EvalExample, load_jsonl, save_jsonl
+from slmrl_ray.device import resolve_device
+from slmrl_ray.generation import SamplingSettings, decode_responses, generate
+from slmrl_ray.models import load_causal_lm, load_reward_model, load_tokenizer
+from slmrl_ray.scoring import RewardScorer
+
+POLICIES = ("sft", "ppo")
+
+
+def sample_responses(model, tokenizer, prompts: list[str], cfg: EvalConfig, device, desc: str) -> list[str]:
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    responses: list[str] = []
+    for index, start in enumerate(tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch")):
+        torch.manual_seed(cfg.seed + index)  # same seed per batch for every policy
+        batch = prompts[start : start + cfg.batch_size]
+        gen = generate(model, tokenizer, batch, settings, cfg.max_prompt_length, device)
+        responses.extend(decode_responses(tokenizer, gen))
+    return responses
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples: list[EvalExample], max_length: int, batch_size: int, device) -> float:
+    """Token-weighted perplexity of prompt + separator + reference, truncated to `max_length`."""
+    nll_sums, counts = [], []
+    texts = [e.prompt + RESPONSE_SEPARATOR + e.reference for e in examples]
+    for start in range(0, len(texts), batch_size):
+        encoded = [
+            tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
+            for t in texts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(device)
+        token_nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask[:, 1:].to(device)
+        nll_sums.extend(token_nll.sum(dim=1).tolist())
+        counts.extend(mask[:, 1:].sum(dim=1).tolist())
+    return metrics.token_weighted_perplexity(nll_sums, counts)
+
+
+def policy_metrics(responses: list[str], references: list[str], rewards: list[float], ppl: float) -> dict:
+    return {
+        "perplexity": ppl,
+        "reward": metrics.reward_summary(rewards),
+        **{f"distinct_{n}": metrics.distinct_n(responses, n) for n in (1, 2, 3)},
+        **metrics.rouge_scores(responses, references),
+        **metrics.bleu_scores(responses, references),
+        "response_chars_mean": sum(len(r) for r in responses) / max(len(responses), 1),
+    }
+
+
+def compare(sft: dict, ppo: dict, sft_rewards, ppo_rewards, cfg: EvalConfig) -> dict:
+    delta = ppo["reward"]["mean"] - sft["reward"]["mean"]
+    win_rate = metrics.analytical_win_rate(
+        sft["reward"]["mean"], sft["reward"]["std"], ppo["reward"]["mean"], ppo["reward"]["std"]
+    )
+    paired = metrics.paired_win_rate(ppo_rewards, sft_rewards, cfg.num_bootstrap, seed=cfg.seed)
+    return {"delta_reward": delta, "analytical_win_rate": win_rate, "paired_win_rate": paired}
+
+
+def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_report) -> dict:
+    cfg, device = config.eval, resolve_device(config.device)
+    examples = load_jsonl(paths.data / "eval.jsonl", EvalExample)[: cfg.num_prompts]
+    prompts, references = [e.prompt for e in examples], [e.reference for e in examples]
+    rm_tokenizer = load_tokenizer(paths.reward / "model")
+    scorer = RewardScorer(
+        load_reward_model(paths.reward / "model", rm_tokenizer, device=device),
+        rm_tokenizer,
+        config.reward.max_length,
+        config.reward.score_batch_size,
+        device,
+    )
+    results, rewards = {}, {}
+    for policy in POLICIES:
+        folder = paths.stage(policy) / "model"
+        tokenizer = load_tokenizer(folder)
+        model = load_causal_lm(folder, tokenizer, device=device).eval()
+        responses = sample_responses(model, tokenizer, prompts, cfg, device, desc=f"eval {policy}")
+        rewards[policy] = scorer.score(prompts, responses).tolist()
+        ppl = perplexity(model, tokenizer, examples, cfg.ppl_max_length, cfg.batch_size, device)
+        results[policy] = policy_metrics(responses, references, rewards[policy], ppl)
+        save_jsonl(
+            paths.eval / f"samples_{policy}.jsonl",
+            [
+                {"prompt": p, "reference": r, "response": s, "reward": w}
+                for p, r, s, w in zip(prompts, references, responses, rewards[policy])
+            ],
+        )
+    comparison = compare(results["sft"], results["ppo"], rewards["sft"], rewards["ppo"], cfg)
+    evaluation = {"model": config.model, "corpus": config.corpus, "num_prompts": len(examples),
+                  **results, **comparison}
+    write_json(paths.eval / "evaluation_results.json", evaluation)
+    report({"eval/delta_reward": comparison["delta_reward"],
+            "eval/win_rate": comparison["analytical_win_rate"],
+            "eval/paired_win_rate": comparison["paired_win_rate"]["win_rate"]})
+    return evaluation

@@ -1,0 +1,312 @@
+"""PPO stage: our own PPO (TRL removed its PPO trainer in 2026), with the study's stability fixes.
+
+One step = collect a rollout (sample responses for a batch of training prompts, score
+them with the reward model, per-token KL penalty against the frozen reference, GAE)
+then `ppo_epochs` passes of clipped-surrogate + clipped-value updates over mini-batches.
+The math lives in `slmrl_ray.rl_math`; this file only orchestrates.
+
+The study's fixes (SPEC 1.3), all here:
+  1. merge-and-reinitialise: a fresh LoRA on the merged SFT weights (`ppo_model`);
+  2. float32 below `ppo.fp32_below_params` (`device.ppo_dtype`);
+  3. running score normalisation clipped to +-`score_clip`, a mean-ratio threshold that
+     skips a mini-batch, gradient clipping, and a non-finite guard that restores the
+     last healthy snapshot of the *whole* training state and gives up after
+     `max_rollbacks` (`ppo_state`).
+Randomness is seeded per step (prompt choice, sampling, mini-batch order), so a run
+resumed from a checkpoint takes the same path as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from slmrl_ray.artifacts import Reporter, RunPaths, no_report, stage_fingerprints
+from slmrl_ray.checks import assert_changed, assert_finite_state, assert_responses_nonempty, trainable_snapshot
+from slmrl_ray.config import PipelineConfig, PPOConfig
+from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
+from slmrl_ray.device import ppo_dtype, resolve_device
+from slmrl_ray.generation import SamplingSettings, decode_responses, generate
+from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer
+from slmrl_ray.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    gae_advantages,
+    is_finite,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    normalize_scores,
+    policy_loss,
+    value_loss,
+)
+from slmrl_ray.scoring import RewardScorer
+from slmrl_ray.stages.ppo_model import PolicyWithValueHead
+from slmrl_ray.stages.ppo_state import (
+    PPOState,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore,
+    save_checkpoint,
+    snapshot,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced NaN/Inf (scores, log-probabilities, loss, gradients or weights)."""
+
+
+class PPODivergedError(RuntimeError):
+    """More non-finite steps than `ppo.max_rollbacks`: the run cannot be trusted."""
+
+
+class Rollout(NamedTuple):
+    """One step's experience. Shapes: [B, P] query, [B, R] response-aligned, [B] scores."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@dataclass
+class PPOComponents:
+    model: PolicyWithValueHead
+    tokenizer: object
+    scorer: RewardScorer
+    optimizer: torch.optim.Optimizer
+    prompts: list[str]
+    device: torch.device
+
+
+def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(paths.sft / "model")
+    base = load_causal_lm(paths.sft / "model", tokenizer, device=device)
+    dtype = ppo_dtype(count_parameters(base), device, config.ppo.fp32_below_params)
+    base.to(dtype)
+    r = config.model_config.lora_r
+    target = config.lora.target_modules
+    lora = LoraConfig(  # fresh adapter (B = 0); no dropout so PPO ratios are exact
+        r=r,
+        lora_alpha=config.lora.alpha_per_rank * r,
+        lora_dropout=0.0,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type="CAUSAL_LM",
+    )
+    model = PolicyWithValueHead(base, lora).eval()
+    rm_tokenizer = load_tokenizer(paths.reward / "model")
+    reward_model = load_reward_model(paths.reward / "model", rm_tokenizer, dtype=dtype, device=device)
+    reward_model.requires_grad_(False)
+    scorer = RewardScorer(
+        reward_model, rm_tokenizer, config.reward.max_length, config.reward.score_batch_size, device
+    )
+    optimizer = torch.optim.Adam(model.trainable_parameters().values(), lr=config.ppo.learning_rate)
+    prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
+    return PPOComponents(model, tokenizer, scorer, optimizer, prompts, device)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def collect_rollout(
+    parts: PPOComponents, cfg: PPOConfig, state: PPOState, seed: int
+) -> tuple[Rollout, dict]:
+    """Sample, score and compute advantages for one batch of prompts (no gradients)."""
+    generator = torch.Generator().manual_seed(step_seed(seed, state.step))
+    picks = torch.randperm(len(parts.prompts), generator=generator)[: cfg.rollout_batch_size]
+    prompts = [parts.prompts[i] for i in picks.tolist()]
+    torch.manual_seed(step_seed(seed, state.step))
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    started = time.perf_counter()
+    with torch.no_grad():
+        gen = generate(parts.model.policy, parts.tokenizer, prompts, settings, cfg.max_prompt_length, parts.device)
+        empty_fraction = assert_responses_nonempty(gen.response_mask, cfg.max_empty_fraction)
+        generated = time.perf_counter()
+        scores = parts.scorer.score(prompts, decode_responses(parts.tokenizer, gen)).to(parts.device)
+        scored = time.perf_counter()
+        outputs = parts.model.response_outputs(*gen, temperature=cfg.temperature)
+        with parts.model.reference():
+            ref = parts.model.response_outputs(*gen, temperature=cfg.temperature, with_values=False)
+        if not is_finite(scores, outputs.logprobs, ref.logprobs, outputs.values):
+            raise NonFiniteError("non-finite scores, log-probabilities or values in the rollout")
+        mask = gen.response_mask
+        state.moments.update(scores.cpu())
+        normalized = normalize_scores(scores, state.moments, cfg.score_clip)
+        rewards, kl = kl_penalty_rewards(
+            normalized, outputs.logprobs, ref.logprobs, mask, state.kl_controller.value
+        )
+        advantages, returns = gae_advantages(rewards, outputs.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    rollout = Rollout(*gen, outputs.logprobs, outputs.values, advantages, returns)
+    stats = {
+        "reward_mean": float(scores.mean()),
+        "reward_std": float(scores.std(unbiased=False)),
+        "score_normalized_mean": float(normalized.mean()),
+        "kl": float((kl * mask).sum(dim=1).mean()),  # per-sequence KL, averaged over the batch
+        "kl_coef": float(state.kl_controller.value),
+        "entropy": float(masked_mean(outputs.entropy, mask)),
+        "response_length": float(mask.sum(dim=1).float().mean()),
+        "empty_fraction": empty_fraction,
+        "time_generate_s": generated - started,
+        "time_score_s": scored - generated,
+    }
+    return rollout, stats
+
+
+def update_policy(parts: PPOComponents, rollout: Rollout, cfg: PPOConfig, seed: int, step: int) -> dict:
+    """`ppo_epochs` passes over shuffled mini-batches; returns averaged statistics."""
+    model, optimizer = parts.model, parts.optimizer
+    params = list(model.trainable_parameters().values())
+    generator = torch.Generator().manual_seed(step_seed(seed, step) + 1)
+    batch = rollout.response_ids.shape[0]
+    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0,
+              "value_clip_fraction": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
+    updates = skipped = 0
+    for _ in range(cfg.ppo_epochs):
+        for rows in torch.randperm(batch, generator=generator).split(cfg.mini_batch_size):
+            rows = rows.to(rollout.response_ids.device)
+            mb = Rollout(*(t[rows] for t in rollout))
+            out = model.response_outputs(
+                mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, temperature=cfg.temperature
+            )
+            pg = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
+            if float(pg.ratio_mean) > cfg.ratio_threshold:  # the study's ratio threshold
+                skipped += 1
+                continue
+            vf = value_loss(out.values, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
+            loss = pg.loss + cfg.vf_coef * vf.loss
+            if not is_finite(loss):
+                raise NonFiniteError(f"non-finite loss at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not is_finite(grad_norm):
+                raise NonFiniteError(f"non-finite gradient norm at step {step}")
+            optimizer.step()
+            updates += 1
+            for key, value in (("policy_loss", pg.loss), ("value_loss", vf.loss),
+                               ("clip_fraction", pg.clip_fraction), ("ratio_mean", pg.ratio_mean),
+                               ("value_clip_fraction", vf.clip_fraction), ("approx_kl", pg.approx_kl),
+                               ("grad_norm", grad_norm)):
+                totals[key] += float(value.detach())
+    if not is_finite(*params):
+        raise NonFiniteError(f"non-finite weights after step {step}")
+    stats = {key: value / max(updates, 1) for key, value in totals.items()}
+    return {**stats, "updates": updates, "skipped_minibatches": skipped}
+
+
+def ppo_step(parts: PPOComponents, cfg: PPOConfig, state: PPOState, seed: int) -> dict:
+    rollout, stats = collect_rollout(parts, cfg, state, seed)
+    started = time.perf_counter()
+    stats.update(update_policy(parts, rollout, cfg, seed, state.step))
+    stats["time_update_s"] = time.perf_counter() - started
+    state.kl_controller.update(stats["kl"], cfg.rollout_batch_size)
+    return stats
+
+
+def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_report) -> dict:
+    cfg = config.ppo
+    parts = build_components(config, paths)
+    kl_controller = (
+        AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.kl_target is not None
+        else FixedKLController(cfg.init_kl_coef)
+    )
+    state = PPOState(step=0, rollbacks=0, moments=RunningMoments(), kl_controller=kl_controller)
+    initial = trainable_snapshot(parts.model)
+    fingerprint = stage_fingerprints(config)["ppo"]
+    checkpoints, log_path = paths.ppo / "checkpoints", paths.ppo / "log.jsonl"
+    resume = latest_checkpoint(checkpoints, fingerprint)
+    resumed_from = 0
+    if resume is not None:
+        load_checkpoint(resume, parts.model, parts.optimizer, state)
+        resumed_from = state.step
+    history = _read_log(log_path, upto=resumed_from)
+    healthy = snapshot(parts.model, parts.optimizer, state)
+    progress = tqdm(total=cfg.steps, initial=state.step, desc="ppo", unit="step")
+    while state.step < cfg.steps:
+        try:
+            stats = ppo_step(parts, cfg, state, config.seed)
+            healthy = snapshot(parts.model, parts.optimizer, state)
+        except NonFiniteError as error:
+            restore(parts.model, parts.optimizer, state, healthy)
+            state.rollbacks += 1
+            stats = {"rolled_back": str(error)}
+            if state.rollbacks > cfg.max_rollbacks:
+                raise PPODivergedError(
+                    f"{state.rollbacks} non-finite steps (limit ppo.max_rollbacks={cfg.max_rollbacks}); "
+                    f"last: {error}"
+                ) from error
+        state.step += 1
+        record = {"step": state.step, "rollbacks": state.rollbacks, **stats}
+        history.append(record)
+        _append_log(log_path, record)
+        report({f"ppo/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        progress.update(1)
+        progress.set_postfix(reward=stats.get("reward_mean"), kl=stats.get("kl"))
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            save_checkpoint(checkpoints, parts.model, parts.optimizer, state, fingerprint)
+            prune_checkpoints(checkpoints, keep=2)
+    progress.close()
+    return _finish(config, paths, parts, state, initial, history, resumed_from)
+
+
+def _finish(config, paths, parts, state, initial, history, resumed_from) -> dict:
+    largest_change = assert_changed(initial, parts.model, "PPO")
+    value_head = {k: v.detach().cpu() for k, v in parts.model.value_head.state_dict().items()}
+    merged = parts.model.policy.merge_and_unload()
+    assert_finite_state(merged.state_dict(), "PPO policy")
+    merged.save_pretrained(paths.ppo / "model", safe_serialization=True)
+    parts.tokenizer.save_pretrained(paths.ppo / "model")
+    save_file(value_head, paths.ppo / "value_head.safetensors")
+    healthy = [h for h in history if "reward_mean" in h]
+    window = max(1, len(healthy) // 5)
+    return {
+        "steps": state.step,
+        "rollbacks": state.rollbacks,
+        "resumed_from_step": resumed_from,
+        "reward_first": _mean(h["reward_mean"] for h in healthy[:window]),
+        "reward_last": _mean(h["reward_mean"] for h in healthy[-window:]),
+        "kl_last": _mean(h["kl"] for h in healthy[-window:]),
+        "kl_coef_last": float(state.kl_controller.value),
+        "response_length_last": _mean(h["response_length"] for h in healthy[-window:]),
+        "lora_max_change": largest_change,
+        "dtype": str(next(parts.model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _read_log(path, upto: int) -> list[dict]:
+    """The per-step log up to `upto`, rewritten so a resumed run does not repeat steps."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] <= upto]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _append_log(path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,131 @@
+"""PPO training state: in-memory snapshots for rollback and on-disk checkpoints for resume.
+
+The whole training state is one unit: trainable weights (LoRA + value head), optimiser
+state, running score statistics, KL controller, step and rollback counters. A rollback
+restores all of it (the original code restored weights but not the optimiser; SPEC 1.5).
+
+Checkpoints are safetensors (tensors) plus JSON (everything else); nothing is pickled.
+The Adam state is flattened into `state.<param index>.<key>` tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slmrl_ray.rl_math import RunningMoments
+
+
+@dataclass
+class PPOState:
+    step: int  # completed (attempted) steps
+    rollbacks: int
+    moments: RunningMoments
+    kl_controller: object  # AdaptiveKLController | FixedKLController
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState) -> dict:
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "moments": state.moments.state_dict(),
+        "kl_controller": state.kl_controller.state_dict(),
+    }
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState, saved: dict) -> None:
+    """Restore a snapshot in place (the counters stay: a rollback is itself history)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["weights"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    state.moments.load_state_dict(saved["moments"])
+    state.kl_controller.load_state_dict(saved["kl_controller"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState, fingerprint: str
+) -> Path:
+    """Write `folder/step-XXXXXX` atomically and return it."""
+    target = folder / f"step-{state.step:06d}"
+    scratch = folder / f".step-{state.step:06d}.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, scratch / "trainable.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+    save_file(optimizer_tensors, scratch / "optimizer.safetensors")
+    meta = {
+        "fingerprint": fingerprint,
+        "step": state.step,
+        "rollbacks": state.rollbacks,
+        "moments": state.moments.state_dict(),
+        "kl_controller": state.kl_controller.state_dict(),
+        "optimizer": optimizer_meta,
+    }
+    (scratch / "state.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch, target)
+    return target
+
+
+def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint written for this config, if any."""
+    candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
+    for candidate in candidates:
+        meta_path = candidate / "state.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+            return candidate
+    return None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState
+) -> None:
+    meta = json.loads((path / "state.json").read_text())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(path / "trainable.safetensors").items():
+            params[name].copy_(value)
+    # load_state_dict moves each tensor to its parameter's device (and keeps Adam's step on the CPU).
+    tensors = load_file(path / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    state.step, state.rollbacks = meta["step"], meta["rollbacks"]
+    state.moments.load_state_dict(meta["moments"])
+    state.kl_controller.load_state_dict(meta["kl_controller"])
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""SFT stage: LoRA fine-tuning with TRL's `SFTTrainer`, then merge and save.
+
+Plain causal-LM training on the corpus texts in packed blocks (the study's recipe,
+SPEC 1.2), with the pad token distinct from EOS so EOS stays in the loss and the model
+learns to stop. The LoRA is merged into the base weights and the merged model saved as
+safetensors: the reward model and PPO start from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from slmrl_ray.artifacts import Reporter, RunPaths, no_report
+from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
+from slmrl_ray.config import PipelineConfig
+from slmrl_ray.data import Document, load_jsonl, sft_text
+from slmrl_ray.device import resolve_device, training_precision
+from slmrl_ray.models import base_model_path, count_parameters, load_causal_lm, load_tokenizer
+
+
+def lora_config(config: PipelineConfig, task_type: str) -> LoraConfig:
+    r = config.model_config.lora_r
+    target = config.lora.target_modules
+    return LoraConfig(
+        r=r,
+        lora_alpha=config.lora.alpha_per_rank * r,
+        lora_dropout=config.lora.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type=task_type,
+    )
+
+
+def sft_datasets(config: PipelineConfig, paths: RunPaths) -> tuple[Dataset, Dataset]:
+    kind = config.corpus_config.kind
+    train = load_jsonl(paths.data / "train.jsonl", Document)
+    heldout = load_jsonl(paths.data / "heldout.jsonl", Document)
+    return (
+        Dataset.from_dict({"text": [sft_text(kind, d) for d in train]}),
+        Dataset.from_dict({"text": [sft_text(kind, d) for d in heldout]}),
+    )
+
+
+def build_sft_trainer(config: PipelineConfig, paths: RunPaths) -> SFTTrainer:
+    """The configured trainer, before training (tests inspect its data and collator)."""
+    device = resolve_device(config.device)
+    cfg = config.sft
+    precision = training_precision(cfg.precision, device)
+    base = base_model_path(config.model_config, config.cache_dir)
+    tokenizer = load_tokenizer(base, config.model_config.revision)
+    model = load_causal_lm(base, tokenizer, device=device, revision=config.model_config.revision)
+    train, heldout = sft_datasets(config, paths)
+    args = SFTConfig(
+        output_dir=str(paths.sft / "trainer"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        neftune_noise_alpha=cfg.neftune_alpha,
+        max_length=cfg.max_length,
+        packing=True,
+        packing_strategy="wrapped",  # the study's packed blocks, no padding
+        bf16=precision == "bf16",
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, cfg.max_steps // 10) if cfg.max_steps > 0 else 10,
+        seed=config.seed,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora_config(config, "CAUSAL_LM"),
+    )
+
+
+def run_sft(config: PipelineConfig, paths: RunPaths, report: Reporter = no_report) -> dict:
+    trainer = build_sft_trainer(config, paths)
+    before = trainable_snapshot(trainer.model)
+    result = trainer.train()
+    largest_change = assert_changed(before, trainer.model, "SFT")
+    eval_loss = trainer.evaluate()["eval_loss"]
+    merged = trainer.model.merge_and_unload()
+    assert_finite_state(merged.state_dict(), "SFT merged model")
+    merged.save_pretrained(paths.sft / "model", safe_serialization=True)
+    trainer.processing_class.save_pretrained(paths.sft / "model")
+    metrics = {
+        "train_loss": float(result.training_loss),
+        "heldout_loss": float(eval_loss),
+        "heldout_perplexity": math.exp(eval_loss),
+        "steps": int(result.global_step),
+        "parameters": count_parameters(merged),
+        "lora_max_change": largest_change,
+    }
+    report({f"sft/{k}": v for k, v in metrics.items()})
+    return metrics
