@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,21 @@ CORPUS_KINDS = ("tinystories", "cnn_dailymail", "wikitext")
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the dotted path."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass(frozen=True)
@@ -227,12 +243,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # X | None: keep X's precise error (and its dotted path)
+            return _convert(value, candidates[0], path)
+        for arg in candidates:
             try:
                 return _convert(value, arg, path)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
@@ -298,7 +316,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
-    result = json.loads(json.dumps(data))
+    try:
+        result = json.loads(json.dumps(data))
+    except TypeError as error:  # e.g. a YAML date
+        raise ConfigError(f"config holds a value that is not plain data: {error}") from None
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
@@ -312,15 +333,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = _parse_yaml(raw) if raw else ""
     return result
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if data is None:

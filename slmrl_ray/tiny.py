@@ -123,7 +123,7 @@ def pretrain(model, tokenizer, texts: list[str], cfg: TinyModelConfig) -> float:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def tiny_model_dir(family: str, cfg: TinyModelConfig, cache_dir: Path | None = None) -> Path:

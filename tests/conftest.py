@@ -1,0 +1,89 @@
+"""Shared fixtures: offline environment, one tiny-model cache and one pipeline run per architecture.
+
+Everything runs in this one pytest process (importing torch + transformers costs seconds),
+offline (an accidental hub id would otherwise retry for ~48 s), and on the tiny preset.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: offline, and a hub cache the tests control.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="slmrl-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(_SESSION_DIR / "hub")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("SLMRL_RAY_CACHE", str(_SESSION_DIR / "cache"))
+
+import pytest  # noqa: E402
+
+from slmrl_ray.config import PipelineConfig, load_config  # noqa: E402
+
+# The two architectures of the study, each on a different corpus style.
+ARCHITECTURES = {"gpt_neox": ("pythia-70m", "tinystories"), "llama": ("smollm2-135m", "wikitext")}
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+def tiny_config(output_dir: Path, model: str = "pythia-70m", corpus: str = "tinystories", *overrides: str) -> PipelineConfig:
+    return load_config(
+        preset="tiny",
+        overrides=[f"model={model}", f"corpus={corpus}", f"output_dir={output_dir}", *overrides],
+    )
+
+
+_RUNS: dict = {}
+
+
+def _run_pipeline(architecture: str):
+    """The whole tiny pipeline through the CLI, once per architecture per session."""
+    import contextlib
+    import io
+
+    from slmrl_ray.artifacts import RunPaths
+    from slmrl_ray.cli import main
+
+    if architecture not in _RUNS:
+        model, corpus = ARCHITECTURES[architecture]
+        output_dir = _SESSION_DIR / "runs"
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = main(["run", "--preset", "tiny", "--model", model, "--corpus", corpus,
+                         "--output-dir", str(output_dir)])
+        assert code == 0
+        config = tiny_config(output_dir, model, corpus)
+        _RUNS[architecture] = (config, RunPaths.for_config(config), stdout.getvalue())
+    return _RUNS[architecture]
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
+def pipeline_run(request):
+    """(config, paths, stdout) of a finished tiny pipeline, for each architecture."""
+    return _run_pipeline(request.param)
+
+
+@pytest.fixture(scope="session")
+def neox_run():
+    """The GPT-NeoX run alone, for tests that need finished stages but not both architectures."""
+    return _run_pipeline("gpt_neox")
+
+
+@pytest.fixture
+def run_copy(neox_run, tmp_path):
+    """A private copy of the GPT-NeoX run's data/sft/reward stages and its config pointing at it."""
+    import dataclasses
+    import shutil
+
+    from slmrl_ray.artifacts import RunPaths
+
+    config, paths, _ = neox_run
+    copy = RunPaths(tmp_path / config.model / config.corpus)
+    for stage in ("data", "sft", "reward"):
+        shutil.copytree(paths.stage(stage), copy.stage(stage))
+    return dataclasses.replace(config, output_dir=str(tmp_path)), copy

@@ -1,0 +1,265 @@
+"""Models, generation, reward formatting, PPO state and the "did it train?" checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from slmrl_ray.checks import (
+    TrainingCheckError,
+    assert_changed,
+    assert_finite_state,
+    assert_responses_nonempty,
+    trainable_snapshot,
+)
+from slmrl_ray.data import PreferencePair, load_jsonl
+from slmrl_ray.device import ppo_dtype
+from slmrl_ray.generation import SamplingSettings, decode_responses, generate, response_mask_from_eos
+from slmrl_ray.models import align_with_tokenizer, base_model_path, ensure_pad_token, load_causal_lm, load_tokenizer
+from slmrl_ray.rl_math import AdaptiveKLController, RunningMoments
+from slmrl_ray.stages.ppo_state import PPOState, load_checkpoint, restore, save_checkpoint, snapshot
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ models and tokenizers
+
+
+def test_pad_token_is_added_when_it_equals_eos(neox_run):
+    config, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    tokenizer.pad_token = tokenizer.eos_token  # what many hub tokenizers ship with
+    size = len(tokenizer)
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and len(tokenizer) == size
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    model = load_causal_lm(paths.sft / "model", load_tokenizer(paths.sft / "model"))
+    align_with_tokenizer(model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_hub_id_loads_from_a_hub_snapshot_folder(neox_run, session_dir):
+    """The real hub path (hub id -> cache snapshot), offline, on a folder laid out like the hub's."""
+    config, _, _ = neox_run
+    built = base_model_path(config.model_config, config.cache_dir)
+    repo = session_dir / "hub" / "models--EleutherAI--pythia-70m-deduped"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(built, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+    hub_tokenizer = load_tokenizer("EleutherAI/pythia-70m-deduped")
+    hub_model = load_causal_lm("EleutherAI/pythia-70m-deduped", hub_tokenizer)
+    local_tokenizer = load_tokenizer(built)
+    local_model = load_causal_lm(built, local_tokenizer)
+    ids = torch.tensor([hub_tokenizer("Once upon a time")["input_ids"]])
+    assert ids.tolist() == [local_tokenizer("Once upon a time")["input_ids"]]
+    torch.testing.assert_close(hub_model(ids).logits, local_model(ids).logits)
+
+
+def test_tiny_models_are_cached(neox_run):
+    config, _, _ = neox_run
+    first = base_model_path(config.model_config, config.cache_dir)
+    stamp = (first_file := __import__("pathlib").Path(first) / "model.safetensors").stat().st_mtime_ns
+    assert base_model_path(config.model_config, config.cache_dir) == first
+    assert first_file.stat().st_mtime_ns == stamp
+
+
+def test_ppo_runs_in_float32_below_the_size_threshold():
+    assert ppo_dtype(70_000_000, CPU, 200_000_000) == torch.float32
+    assert ppo_dtype(1_000_000_000, CPU, 200_000_000) == torch.float32  # no bf16 on the CPU
+
+
+# ------------------------------------------------------------------ generation
+
+
+def test_left_padded_batch_matches_one_prompt_at_a_time(neox_run):
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    model = load_causal_lm(paths.sft / "model", tokenizer).eval()
+    prompts = ["Once upon a time", "The town of", "Once upon a time, there was a little dog named Max who"]
+    greedy = SamplingSettings(max_new_tokens=12, greedy=True)
+    batched = generate(model, tokenizer, prompts, greedy, 64, CPU)
+    assert batched.query_mask[0, 0] == 0  # left padding happened
+    lengths = batched.response_mask.sum(dim=1)
+    assert (lengths > 1).all(), "every prompt gets a non-empty response"
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, tokenizer, [prompt], greedy, 64, CPU)
+        n = int(alone.response_mask.sum())
+        assert batched.response_ids[row, :n].tolist() == alone.response_ids[0, :n].tolist(), prompt
+    assert all(text.strip() for text in decode_responses(tokenizer, batched))
+
+
+def test_the_first_eos_ends_a_response():
+    eos = 9
+    ids = torch.tensor([[5, 6, eos, 7, eos], [5, 6, 7, 8, 1]])
+    assert response_mask_from_eos(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# ------------------------------------------------------------------ training formats
+
+
+def test_reward_model_trains_on_exactly_what_it_scores(neox_run):
+    """Separator and EOS: the RewardTrainer's token ids are the scorer's, and the score matches."""
+    from slmrl_ray.models import load_reward_model
+    from slmrl_ray.scoring import RewardScorer, encode_reward_text
+    from slmrl_ray.stages.reward import build_reward_trainer
+
+    config, paths, _ = neox_run
+    trainer = build_reward_trainer(config, paths)
+    pairs = load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair)
+    tokenizer = trainer.processing_class
+    for i in range(5):
+        row = trainer.train_dataset[i]
+        expected = encode_reward_text(tokenizer, pairs[i].prompt, pairs[i].chosen, config.reward.max_length)
+        assert row["chosen_ids"] == expected
+        assert row["chosen_ids"][-1] == tokenizer.eos_token_id
+        assert "\n\n" in tokenizer.decode(row["chosen_ids"])
+    rm_tokenizer = load_tokenizer(paths.reward / "model")
+    model = load_reward_model(paths.reward / "model", rm_tokenizer)
+    scorer = RewardScorer(model, rm_tokenizer, config.reward.max_length, 4, CPU)
+    ids = torch.tensor([encode_reward_text(rm_tokenizer, pairs[0].prompt, pairs[0].chosen, config.reward.max_length)])
+    direct = model(input_ids=ids).logits[0, 0]
+    batched = scorer.score([p.prompt for p in pairs[:6]], [p.chosen for p in pairs[:6]])
+    assert float(batched[0]) == pytest.approx(float(direct), abs=1e-4)
+
+
+def test_sft_keeps_eos_in_the_loss(neox_run):
+    from slmrl_ray.stages.sft import build_sft_trainer
+
+    config, paths, _ = neox_run
+    trainer = build_sft_trainer(config, paths)
+    tokenizer = trainer.processing_class
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    labels = batch["labels"]
+    assert (labels == tokenizer.eos_token_id).sum() >= 4, "EOS must be a training target"
+
+
+def test_ppo_policy_starts_at_the_reference_with_only_lora_and_value_head_trainable(neox_run):
+    from peft import LoraConfig
+
+    from slmrl_ray.stages.ppo_model import PolicyWithValueHead
+
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    base = load_causal_lm(paths.sft / "model", tokenizer)
+    model = PolicyWithValueHead(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    names = list(model.trainable_parameters())
+    assert names and all("lora_" in n or n.startswith("value_head") for n in names)
+    gen = generate(model.policy, tokenizer, ["Once upon a time", "The river"], SamplingSettings(8, greedy=True), 32, CPU)
+    policy = model.response_outputs(*gen, temperature=1.0)
+    with model.reference():
+        reference = model.response_outputs(*gen, temperature=1.0, with_values=False)
+    torch.testing.assert_close(policy.logprobs, reference.logprobs)
+
+
+# ------------------------------------------------------------------ PPO state, rollback and checks
+
+
+def _toy_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = PPOState(step=0, rollbacks=0, moments=RunningMoments(), kl_controller=AdaptiveKLController(0.2, 6, 10_000))
+    return model, optimizer, state
+
+
+def _train_once(model, optimizer, state):
+    model(torch.ones(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    state.moments.update(torch.tensor([1.0, 2.0, 4.0]))
+    state.kl_controller.update(20.0, 32)
+
+
+def test_rollback_restores_weights_optimiser_statistics_and_kl_controller():
+    model, optimizer, state = _toy_state()
+    _train_once(model, optimizer, state)
+    saved = snapshot(model, optimizer, state)
+    reference = json.dumps({"m": state.moments.state_dict(), "k": state.kl_controller.state_dict()})
+    weight = model.weight.detach().clone()
+    exp_avg = optimizer.state[model.weight]["exp_avg"].clone()
+    _train_once(model, optimizer, state)
+    assert not torch.equal(model.weight, weight)
+    restore(model, optimizer, state, saved)
+    assert torch.equal(model.weight, weight)
+    assert torch.equal(optimizer.state[model.weight]["exp_avg"], exp_avg)
+    assert json.dumps({"m": state.moments.state_dict(), "k": state.kl_controller.state_dict()}) == reference
+
+
+def test_checkpoint_round_trip_restores_the_whole_training_state(tmp_path):
+    model, optimizer, state = _toy_state()
+    _train_once(model, optimizer, state)
+    state.step, state.rollbacks = 7, 1
+    path = save_checkpoint(tmp_path, model, optimizer, state, fingerprint="abc")
+    assert sorted(p.name for p in path.iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
+    other_model, other_optimizer, other_state = _toy_state()
+    load_checkpoint(path, other_model, other_optimizer, other_state)
+    assert torch.equal(other_model.weight, model.weight)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(other_optimizer.state[other_model.weight][key], optimizer.state[model.weight][key])
+    assert (other_state.step, other_state.rollbacks) == (7, 1)
+    assert other_state.moments.state_dict() == state.moments.state_dict()
+    assert other_state.kl_controller.value == state.kl_controller.value
+
+
+def test_an_injected_nan_reward_rolls_back_and_the_run_ends_finite(run_copy, monkeypatch):
+    import dataclasses
+
+    from slmrl_ray.scoring import RewardScorer
+    from slmrl_ray.stages.ppo import run_ppo
+
+    config, paths = run_copy
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, steps=4, checkpoint_every=2))
+    real_score, calls = RewardScorer.score, []
+
+    def score_with_a_nan(self, prompts, responses):
+        calls.append(len(prompts))
+        scores = real_score(self, prompts, responses)
+        if len(calls) == 2:  # the second rollout
+            scores[3] = float("nan")
+        return scores
+
+    monkeypatch.setattr(RewardScorer, "score", score_with_a_nan)
+    metrics = run_ppo(config, paths)
+    assert metrics["rollbacks"] == 1 and metrics["steps"] == 4
+    log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+    assert "rolled_back" in log[1] and "reward_mean" in log[2]
+    from safetensors.torch import load_file
+
+    assert_finite_state(load_file(paths.ppo / "model" / "model.safetensors"), "PPO policy")
+
+
+def test_too_many_non_finite_steps_stop_the_run(run_copy, monkeypatch):
+    import dataclasses
+
+    from slmrl_ray.scoring import RewardScorer
+    from slmrl_ray.stages.ppo import PPODivergedError, run_ppo
+
+    config, paths = run_copy
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, steps=5, max_rollbacks=2))
+    monkeypatch.setattr(RewardScorer, "score", lambda self, p, r: torch.full((len(p),), math.nan))
+    with pytest.raises(PPODivergedError, match="max_rollbacks=2"):
+        run_ppo(config, paths)
+
+
+def test_untrained_or_broken_models_are_errors_not_warnings():
+    model = torch.nn.Linear(2, 2)
+    before = trainable_snapshot(model)
+    with pytest.raises(TrainingCheckError, match="did not change"):
+        assert_changed(before, model, "SFT")
+    model.requires_grad_(False)
+    with pytest.raises(TrainingCheckError, match="no trainable parameters"):
+        trainable_snapshot(model)
+    with pytest.raises(TrainingCheckError, match="non-finite"):
+        assert_finite_state({"w": torch.tensor([1.0, math.inf])}, "checkpoint")
+    mask = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 1]])  # two of three responses are only EOS
+    with pytest.raises(TrainingCheckError, match="empty"):
+        assert_responses_nonempty(mask, max_empty_fraction=0.5)
+    assert assert_responses_nonempty(mask, max_empty_fraction=0.7) == pytest.approx(2 / 3)
