@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -59,6 +58,7 @@ from slmrl_ray.stages.ppo_state import (
     save_checkpoint,
     snapshot,
 )
+from slmrl_ray.stages.sft import lora_config
 
 
 class NonFiniteError(RuntimeError):
@@ -98,16 +98,8 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
     base = load_causal_lm(paths.sft / "model", tokenizer, device=device)
     dtype = ppo_dtype(count_parameters(base), device, config.ppo.fp32_below_params)
     base.to(dtype)
-    r = config.model_config.lora_r
-    target = config.lora.target_modules
-    lora = LoraConfig(  # fresh adapter (B = 0); no dropout so PPO ratios are exact
-        r=r,
-        lora_alpha=config.lora.alpha_per_rank * r,
-        lora_dropout=0.0,
-        target_modules=target if isinstance(target, str) else list(target),
-        task_type="CAUSAL_LM",
-    )
-    model = PolicyWithValueHead(base, lora).eval()
+    # A fresh adapter (B = 0), without dropout so the importance ratios compare like with like.
+    model = PolicyWithValueHead(base, lora_config(config, "CAUSAL_LM", dropout=0.0)).eval()
     rm_tokenizer = load_tokenizer(paths.reward / "model")
     reward_model = load_reward_model(paths.reward / "model", rm_tokenizer, dtype=dtype, device=device)
     reward_model.requires_grad_(False)

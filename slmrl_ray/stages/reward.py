@@ -21,10 +21,10 @@ from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.data import PreferencePair, load_jsonl
-from slmrl_ray.device import resolve_device, training_precision
+from slmrl_ray.device import resolve_device
 from slmrl_ray.models import load_reward_model, load_tokenizer
 from slmrl_ray.scoring import RewardScorer, encode_reward_text
-from slmrl_ray.stages.sft import lora_config
+from slmrl_ray.stages.sft import lora_config, trainer_arguments
 
 
 def preference_dataset(pairs: list[PreferencePair], tokenizer, max_length: int) -> Dataset:
@@ -42,28 +42,10 @@ def preference_dataset(pairs: list[PreferencePair], tokenizer, max_length: int) 
 def build_reward_trainer(config: PipelineConfig, paths: RunPaths) -> RewardTrainer:
     device = resolve_device(config.device)
     cfg = config.reward
-    precision = training_precision(cfg.precision, device)
     tokenizer = load_tokenizer(paths.sft / "model")
     model = load_reward_model(paths.sft / "model", tokenizer, device=device)
     pairs = load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair)
-    args = TRLRewardConfig(
-        output_dir=str(paths.reward / "trainer"),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        max_length=cfg.max_length,
-        bf16=precision == "bf16",
-        use_cpu=device.type == "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, cfg.max_steps // 10) if cfg.max_steps > 0 else 10,
-        seed=config.seed,
-    )
+    args = TRLRewardConfig(**trainer_arguments(cfg, paths.reward / "trainer", device, config.seed))
     return RewardTrainer(
         model=model,
         args=args,

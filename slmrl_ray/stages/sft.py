@@ -9,6 +9,7 @@ safetensors: the reward model and PPO start from it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from datasets import Dataset
 from peft import LoraConfig
@@ -17,20 +18,46 @@ from trl import SFTConfig, SFTTrainer
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
 from slmrl_ray.config import PipelineConfig
+from slmrl_ray.config import RewardConfig as RewardStageConfig
+from slmrl_ray.config import SFTConfig as SFTStageConfig
 from slmrl_ray.data import Document, load_jsonl, sft_text
 from slmrl_ray.device import resolve_device, training_precision
 from slmrl_ray.models import base_model_path, count_parameters, load_causal_lm, load_tokenizer
 
 
-def lora_config(config: PipelineConfig, task_type: str) -> LoraConfig:
+def lora_config(config: PipelineConfig, task_type: str, dropout: float | None = None) -> LoraConfig:
+    """The LoRA of every stage: rank per model, alpha = alpha_per_rank * r (the study: 2r)."""
     r = config.model_config.lora_r
     target = config.lora.target_modules
     return LoraConfig(
         r=r,
         lora_alpha=config.lora.alpha_per_rank * r,
-        lora_dropout=config.lora.dropout,
+        lora_dropout=config.lora.dropout if dropout is None else dropout,
         target_modules=target if isinstance(target, str) else list(target),
         task_type=task_type,
+    )
+
+
+def trainer_arguments(cfg: SFTStageConfig | RewardStageConfig, output_dir: Path, device, seed: int) -> dict:
+    """The TRL/transformers arguments the SFT and reward stages share."""
+    precision = training_precision(cfg.precision, device)
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        max_length=cfg.max_length,
+        bf16=precision == "bf16",
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, cfg.max_steps // 10) if cfg.max_steps > 0 else 10,
+        seed=seed,
     )
 
 
@@ -48,32 +75,16 @@ def build_sft_trainer(config: PipelineConfig, paths: RunPaths) -> SFTTrainer:
     """The configured trainer, before training (tests inspect its data and collator)."""
     device = resolve_device(config.device)
     cfg = config.sft
-    precision = training_precision(cfg.precision, device)
     base = base_model_path(config.model_config, config.cache_dir)
     tokenizer = load_tokenizer(base, config.model_config.revision)
     model = load_causal_lm(base, tokenizer, device=device, revision=config.model_config.revision)
     train, heldout = sft_datasets(config, paths)
     args = SFTConfig(
-        output_dir=str(paths.sft / "trainer"),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        **trainer_arguments(cfg, paths.sft / "trainer", device, config.seed),
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         neftune_noise_alpha=cfg.neftune_alpha,
-        max_length=cfg.max_length,
         packing=True,
         packing_strategy="wrapped",  # the study's packed blocks, no padding
-        bf16=precision == "bf16",
-        use_cpu=device.type == "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, cfg.max_steps // 10) if cfg.max_steps > 0 else 10,
-        seed=config.seed,
     )
     return SFTTrainer(
         model=model,
