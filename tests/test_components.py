@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +67,8 @@ def test_hub_id_loads_from_a_hub_snapshot_folder(neox_run, session_dir):
 def test_tiny_models_are_cached(neox_run):
     config, _, _ = neox_run
     first = base_model_path(config.model_config, config.cache_dir)
-    stamp = (first_file := __import__("pathlib").Path(first) / "model.safetensors").stat().st_mtime_ns
+    first_file = Path(first) / "model.safetensors"
+    stamp = first_file.stat().st_mtime_ns
     assert base_model_path(config.model_config, config.cache_dir) == first
     assert first_file.stat().st_mtime_ns == stamp
 
