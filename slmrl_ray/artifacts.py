@@ -15,15 +15,24 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from slmrl_ray.config import PipelineConfig, fingerprint, to_dict
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")
-Reporter = Callable[[dict[str, Any]], None]
 
 
-def no_report(metrics: dict[str, Any]) -> None:
+class Reporter(Protocol):
+    """Receives a stage's metrics as it goes; `checkpoint` names a folder a run can resume from.
+
+    Stages call it without knowing who listens: the command line ignores it, a Tune trial
+    forwards it to `tune.report` (with the checkpoint, so a retried trial resumes there).
+    """
+
+    def __call__(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None: ...
+
+
+def no_report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
     """The default reporter: stages run without Ray (Tune passes its own)."""
 
 

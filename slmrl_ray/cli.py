@@ -4,9 +4,15 @@
     slmrl-ray run --config my.yaml ppo.init_kl_coef=0.1 ppo.steps=100
     slmrl-ray config --preset paper --model smollm2-360m      # print the resolved config
 
+    slmrl-ray grid tune_configs/tiny_grid.yaml              # every cell as a Ray Tune trial
+    slmrl-ray search tune_configs/tiny_search.yaml          # Optuna over PPO KL coef and LR
+    slmrl-ray resume ~/slmrl_ray_results/tiny-grid          # continue after a crash (any URI)
+    slmrl-ray report s3://bucket/slmrl-ray/tiny-grid        # results table, plots, registry.json
+
 `run` executes one configuration end to end without Ray, resuming at the first
 unfinished stage when rerun, and prints the study's results row. Trailing `a.b.c=value`
-arguments override any config field.
+arguments override any config field (of the pipeline config for `run`, of the tune
+config for `grid` and `search`).
 """
 
 from __future__ import annotations
@@ -80,6 +86,75 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from slmrl_ray.tuning.config import load_tune_config
+
+    experiment = load_tune_config(args.tune_config, args.overrides)
+    _quiet_libraries()
+    from slmrl_ray.tuning.experiment import ExperimentError, run_experiment
+
+    try:
+        run_experiment(experiment, args.command)
+    except ExperimentError as error:
+        print(f"slmrl-ray: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from slmrl_ray.tuning.experiment import ExperimentError, resume_experiment
+
+    try:
+        resume_experiment(args.uri)
+    except ExperimentError as error:
+        print(f"slmrl-ray: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slmrl_ray.tuning.experiment import MANIFEST, write_report
+    from slmrl_ray.tuning.storage import Storage
+
+    root = Storage.from_uri(args.uri)
+    if not root.child(MANIFEST).is_file():
+        print(f"slmrl-ray: no {MANIFEST} under {root.uri}: not an slmrl-ray experiment", file=sys.stderr)
+        return 1
+    write_report(root)
+    return 0
+
+
+def _add_tune_commands(commands) -> None:
+    for name, summary in (
+        ("grid", "run every (model, corpus) cell of a tune config as a Ray Tune trial"),
+        ("search", "Optuna search over the PPO KL coefficient and learning rate, per cell"),
+    ):
+        command = commands.add_parser(
+            name, help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}. Artifacts and checkpoints go to the "
+            "config's storage_path (a folder, NFS path or s3://, gs:// URI); ends with the report.",
+        )
+        command.add_argument("tune_config", metavar="TUNE_CONFIG", help="a file from tune_configs/")
+        command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                             help="tune-config overrides, e.g. storage_path=s3://bucket/x resources.gpu=0.5")
+        command.set_defaults(func=cmd_tune)
+    resume = commands.add_parser(
+        "resume", help="continue an interrupted grid or search",
+        description="Continue a grid or search from its storage (after a crash or a killed driver): "
+        "finished stages are fetched, unfinished trials resume from their last checkpoint.",
+    )
+    resume.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
+    resume.set_defaults(func=cmd_resume)
+    report = commands.add_parser(
+        "report", help="write the results table, plots and registry.json of an experiment",
+        description="Read the finished cells of a grid or search (no Ray needed) and write "
+        "report/results.{md,csv,json}, PNG plots and registry.json under the experiment folder.",
+    )
+    report.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
+    report.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slmrl-ray",
@@ -103,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(show)
     show.set_defaults(func=cmd_config)
+    _add_tune_commands(commands)
     return parser
 
 

@@ -388,6 +388,11 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(load_raw(candidate, _seen + (path,)), data)
 
 
+def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Build any config dataclass strictly from plain data (errors name the dotted path under `path`)."""
+    return _build(cls, data, path)
+
+
 def config_from_dict(data: Mapping) -> PipelineConfig:
     return _build(PipelineConfig, data, "")
 

@@ -10,7 +10,7 @@ the first unfinished stage; inside PPO, from the last checkpoint.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from slmrl_ray.artifacts import (
     STAGES,
@@ -41,32 +41,69 @@ def stage_function(stage: str) -> Callable:
     return run
 
 
+class StageStore(Protocol):
+    """Where finished stages live beyond this machine (a Tune experiment's storage).
+
+    `fetch` copies a finished stage with this config's fingerprint into `paths` (False
+    when there is none), `started` records that this process is about to run a stage,
+    and `publish` uploads a finished stage folder.
+    """
+
+    def fetch(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool: ...
+
+    def started(self, stage: str, config: PipelineConfig) -> None: ...
+
+    def publish(self, paths: RunPaths, stage: str, config: PipelineConfig) -> None: ...
+
+
 def run_pipeline(
     config: PipelineConfig,
     stages: Sequence[str] = STAGES,
     report: Reporter = no_report,
     log: Callable[[str], None] = print,
+    store: StageStore | None = None,
 ) -> dict[str, dict]:
-    """Run (or skip) each stage; returns every stage's metrics."""
+    """Run (or skip, or fetch from `store`) each stage; returns every stage's metrics.
+
+    After each stage, `report` gets `{"stage_done": stage, "stage_executed": bool, ...}`.
+    """
     paths = RunPaths.for_config(config)
     results: dict[str, dict] = {}
     for stage in stages:
+        executed, elapsed = False, 0.0
         if is_stage_done(paths, stage, config):
             log(f"[{stage}] done already ({paths.stage(stage)}), skipping")
-            results[stage] = read_json(paths.stage(stage) / "metrics.json")
-            continue
-        log(f"[{stage}] running -> {paths.stage(stage)}")
-        started = time.perf_counter()
-        results[stage] = stage_function(stage)(config, paths, report)
-        elapsed = time.perf_counter() - started
-        mark_stage_done(paths, stage, config, results[stage], elapsed)
-        log(f"[{stage}] finished in {elapsed:.1f} s")
+        elif store is not None and store.fetch(paths, stage, config):
+            log(f"[{stage}] fetched from storage")
+        else:
+            log(f"[{stage}] running -> {paths.stage(stage)}")
+            if store is not None:
+                store.started(stage, config)
+            started = time.perf_counter()
+            metrics = stage_function(stage)(config, paths, report)
+            elapsed = time.perf_counter() - started
+            mark_stage_done(paths, stage, config, metrics, elapsed)
+            if store is not None:
+                store.publish(paths, stage, config)
+            executed = True
+            log(f"[{stage}] finished in {elapsed:.1f} s")
+        results[stage] = read_json(paths.stage(stage) / "metrics.json")
+        report({"stage_done": stage, "stage_executed": executed, f"{stage}/wall_time_s": elapsed})
     return results
+
+
+# Text metrics copied into the results row for both policies, as `sft_<name>` / `ppo_<name>`.
+ROW_TEXT_METRICS = ("distinct_1", "distinct_2", "rouge1", "rouge2", "rougeL", "bleu", "precision_4gram")
 
 
 def results_row(evaluation: dict) -> dict:
     """The study's results-table row for one configuration, from `evaluation_results.json`."""
     sft, ppo = evaluation["sft"], evaluation["ppo"]
+    text_metrics = {
+        f"{name}_{metric}": policy[metric]
+        for name, policy in (("sft", sft), ("ppo", ppo))
+        for metric in ROW_TEXT_METRICS
+    }
     return {
         "model": evaluation["model"],
         "corpus": evaluation["corpus"],
@@ -83,10 +120,7 @@ def results_row(evaluation: dict) -> dict:
             evaluation["paired_win_rate"]["ci_low"],
             evaluation["paired_win_rate"]["ci_high"],
         ],
-        "ppo_distinct_1": ppo["distinct_1"],
-        "ppo_distinct_2": ppo["distinct_2"],
-        "ppo_rougeL": ppo["rougeL"],
-        "ppo_bleu": ppo["bleu"],
+        **text_metrics,
     }
 
 

@@ -17,6 +17,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(_SESSION_DIR / "hub")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("SLMRL_RAY_CACHE", str(_SESSION_DIR / "cache"))
+# Ray: no token auth for the test cluster, trial scratch inside the session folder, and
+# credentials for the S3-compatible test server (moto accepts any). Ray's workers inherit
+# these, since the test cluster starts after this point.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["SLMRL_RAY_SCRATCH"] = str(_SESSION_DIR / "scratch")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
 
 import pytest  # noqa: E402
 
@@ -87,3 +96,21 @@ def run_copy(neox_run, tmp_path):
     for stage in ("data", "sft", "reward"):
         shutil.copytree(paths.stage(stage), copy.stage(stage))
     return dataclasses.replace(config, output_dir=str(tmp_path)), copy
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray session for the whole test run: a head node (2 CPUs and one *logical* GPU, so
+    GPU scheduling is tested without a GPU), to which a test may add and remove worker nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 1, "object_store_memory": 150 * 1024 * 1024,
+                        "include_dashboard": False},
+    )
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -249,12 +249,13 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
         record = {"step": state.step, "rollbacks": state.rollbacks, **stats}
         history.append(record)
         _append_log(log_path, record)
-        report({f"ppo/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         progress.update(1)
         progress.set_postfix(reward=stats.get("reward_mean"), kl=stats.get("kl"))
+        checkpoint = None
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(checkpoints, parts.model, parts.optimizer, state, fingerprint)
+            checkpoint = save_checkpoint(checkpoints, parts.model, parts.optimizer, state, fingerprint)
             prune_checkpoints(checkpoints, keep=2)
+        report({f"ppo/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint)
     progress.close()
     return _finish(config, paths, parts, state, initial, history, resumed_from)
 

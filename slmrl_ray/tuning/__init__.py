@@ -1,0 +1,1 @@
+"""Ray Tune grids and searches over the study's configurations, and their report."""

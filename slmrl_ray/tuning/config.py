@@ -1,0 +1,208 @@
+"""Tune configs (`tune_configs/*.yaml`): which cells to run, where, with what resources, and how to search.
+
+A tune config names a pipeline config (a preset or a file, plus `a.b.c=value`
+overrides), the cells to run (all 5 x 3 by default), the storage URI, per-trial
+resources, retries, and for `slmrl-ray search` the Optuna search over the PPO KL
+coefficient and learning rate. Loading is strict like the pipeline config (same loader,
+same dotted-path errors), and every cell's pipeline config is built once at load time,
+so a typo fails before Ray starts. A trial's sampled values reach the pipeline config as
+overrides in one place, `cell_config`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from slmrl_ray.artifacts import STAGES
+from slmrl_ray.config import (
+    ConfigError,
+    PipelineConfig,
+    _read_yaml,
+    apply_overrides,
+    build_dataclass,
+    config_from_dict,
+    load_raw,
+    preset_path,
+)
+
+# The values a search samples, as pipeline config keys.
+SEARCHED_KEYS = {"kl_coef": "ppo.init_kl_coef", "learning_rate": "ppo.learning_rate"}
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    preset: str | None = "tiny"  # a shipped preset, or
+    config: str | None = None  # a pipeline config file (relative to the tune config)
+    overrides: tuple[str, ...] = ()  # `a.b.c=value`, applied to every cell
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks Ray for. Fractional GPUs pack small-model trials onto one GPU."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpu <= 0 or self.gpu < 0:
+            raise ConfigError("cpu must be positive and gpu non-negative")
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ConfigError("a trial asks for a fraction of one GPU or a whole number of GPUs")
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ConfigError("a range needs 0 < low < high")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a search maximises.
+
+    `reward_gain`: held-out delta reward (PPO - SFT) minus `kl_penalty` x the PPO KL
+    (per sequence, nats) at the end of training; during PPO, for pruning, the same gain
+    measured on the training rollouts (the last `window` steps against the first).
+    `pareto`: reward gain and KL as two objectives (maximise, minimise), no pruning.
+    """
+
+    kind: Literal["reward_gain", "pareto"] = "reward_gain"
+    kl_penalty: float = 0.05
+    window: int = 5
+    diverged_score: float = -1000.0  # a diverged trial's score: always worse than any real one
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 10  # PPO steps before a trial can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Search:
+    num_samples: int = 16  # trials per cell
+    max_concurrent: int = 4  # trials per cell at once
+    kl_coef: Range = Range(0.05, 0.2)  # the model card's range
+    learning_rate: Range = Range(1e-6, 2e-5)
+    objective: Objective = field(default_factory=Objective)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    seed: int = 0  # each cell's sampler gets seed + its index
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection, to rehearse recovery before a long run: a trial's first attempt
+    raises right after the given PPO step (resuming attempts do not)."""
+
+    crash_at_ppo_step: int | None = None
+    cells: tuple[str, ...] = ()  # "model/corpus"; empty: every cell
+
+
+@dataclass(frozen=True)
+class RayInit:
+    address: str | None = None  # None: $RAY_ADDRESS when set (ray job submit), else a local Ray
+    num_cpus: int | None = None  # local Ray only
+    num_gpus: int | None = None  # local Ray only
+    object_store_memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class TuneFileConfig:
+    name: str
+    storage_path: str = "~/slmrl_ray_results"  # local path, NFS path, s3://, gs://
+    artifacts_path: str | None = None  # default <storage_path>/<name>/artifacts; share it to reuse stages
+    pipeline: PipelineSource = field(default_factory=PipelineSource)
+    models: tuple[str, ...] = ()  # empty: every model of the pipeline config
+    corpora: tuple[str, ...] = ()  # empty: every corpus
+    cells: tuple[str, ...] = ()  # explicit "model/corpus" list instead of models x corpora
+    stages: tuple[str, ...] = STAGES
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 2  # retries per trial, each resuming from its last checkpoint
+    max_concurrent_trials: int | None = None  # grid; None: as many as resources allow
+    keep_checkpoints: int = 2
+    search: Search | None = None
+    faults: Faults = field(default_factory=Faults)
+    ray: RayInit = field(default_factory=RayInit)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: {unknown[0]!r} is not one of {list(STAGES)}")
+        if not self.name or "/" in self.name:
+            raise ConfigError("name: must be non-empty and contain no '/'")
+
+
+@dataclass(frozen=True)
+class TuneExperiment:
+    """A loaded tune config with its resolved pipeline config (plain data) and cells."""
+
+    config: TuneFileConfig
+    raw: dict[str, Any]  # the tune config as plain data (what `experiment.json` keeps)
+    base: dict[str, Any]  # the pipeline config as plain data, before cell overrides
+    cells: tuple[str, ...]
+    source: str  # where it was loaded from (for messages)
+
+    def cell_config(self, cell: str, sampled: dict[str, float] | None = None,
+                    output_dir: str | None = None) -> PipelineConfig:
+        """The one place where a cell and a trial's sampled values become a pipeline config."""
+        model, corpus = cell.split("/")
+        overrides = [*self.config.pipeline.overrides, f"model={model}", f"corpus={corpus}"]
+        overrides += [f"{key}={value!r}" for key, value in (sampled or {}).items()]
+        if output_dir is not None:
+            overrides.append(f"output_dir={output_dir}")
+        return config_from_dict(apply_overrides(self.base, overrides))
+
+
+def _pipeline_base(source: PipelineSource, relative_to: Path) -> dict:
+    if (source.preset is None) == (source.config is None):
+        raise ConfigError("pipeline: give exactly one of `preset` and `config`")
+    if source.config is not None:
+        path = Path(source.config)
+        return load_raw(path if path.is_absolute() else relative_to / path)
+    return load_raw(preset_path(source.preset))
+
+
+def _cells(cfg: TuneFileConfig, base: PipelineConfig) -> tuple[str, ...]:
+    if cfg.cells:
+        if cfg.models or cfg.corpora:
+            raise ConfigError("cells: give either `cells` or `models`/`corpora`, not both")
+        return cfg.cells
+    models = cfg.models or tuple(base.models)
+    corpora = cfg.corpora or tuple(base.corpora)
+    return tuple(f"{m}/{c}" for m, c in itertools.product(models, corpora))
+
+
+def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str = "<dict>",
+                         base: dict | None = None) -> TuneExperiment:
+    """Validate a tune config; `base` (the resolved pipeline config) skips reading its source again."""
+    cfg = build_dataclass(TuneFileConfig, data)
+    base = base if base is not None else _pipeline_base(cfg.pipeline, relative_to)
+    try:
+        default = config_from_dict(apply_overrides(base, list(cfg.pipeline.overrides)))
+    except ConfigError as error:
+        raise ConfigError(f"pipeline: {error}") from None
+    experiment = TuneExperiment(cfg, data, base, _cells(cfg, default), source)
+    for cell in experiment.cells:
+        if cell.count("/") != 1:
+            raise ConfigError(f"cells: {cell!r} is not of the form model/corpus")
+        try:
+            experiment.cell_config(cell)
+        except ConfigError as error:
+            raise ConfigError(f"cells: {cell}: {error}") from None
+    return experiment
+
+
+def load_tune_config(path: str | Path, overrides: list[str] = ()) -> TuneExperiment:
+    """Load a tune config file strictly; `overrides` are `a.b.c=value` on the tune config itself."""
+    path = Path(path)
+    data = apply_overrides(_read_yaml(path), list(overrides))
+    return experiment_from_dict(data, path.parent, str(path))
