@@ -12,6 +12,7 @@ overrides in one place, `cell_config`.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,7 +119,9 @@ class RayInit:
 @dataclass(frozen=True)
 class TuneFileConfig:
     name: str
-    storage_path: str = "~/slmrl_ray_results"  # local path, NFS path, s3://, gs://
+    # A local path, an NFS path, s3:// or gs://. Unset: $SLMRL_RAY_STORAGE_PATH (cluster.yaml
+    # sets it on every node), else ~/slmrl_ray_results.
+    storage_path: str | None = None
     artifacts_path: str | None = None  # default <storage_path>/<name>/artifacts; share it to reuse stages
     pipeline: PipelineSource = field(default_factory=PipelineSource)
     models: tuple[str, ...] = ()  # empty: every model of the pipeline config
@@ -132,6 +135,10 @@ class TuneFileConfig:
     search: Search | None = None
     faults: Faults = field(default_factory=Faults)
     ray: RayInit = field(default_factory=RayInit)
+
+    @property
+    def storage_uri(self) -> str:
+        return self.storage_path or os.environ.get("SLMRL_RAY_STORAGE_PATH") or "~/slmrl_ray_results"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]

@@ -47,7 +47,7 @@ class Phase:
 
 
 def experiment_root(experiment: TuneExperiment) -> Storage:
-    return Storage.from_uri(normalize_uri(experiment.config.storage_path)).child(experiment.config.name)
+    return Storage.from_uri(normalize_uri(experiment.config.storage_uri)).child(experiment.config.name)
 
 
 def artifacts_storage(experiment: TuneExperiment, root: Storage) -> Storage:

@@ -1,0 +1,314 @@
+"""Ray Tune end to end on the tiny preset: the 15-cell grid, a search, crashes, SIGKILL, S3, GPUs, nodes.
+
+All of it runs on the one Ray session of the test run (`ray_cluster` in conftest). What
+ran is counted from the experiment's own record of stage executions, not inferred from
+exit codes.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slmrl_ray.artifacts import STAGES
+from slmrl_ray.tuning.config import load_tune_config
+from slmrl_ray.tuning.experiment import experiment_root, load_records, run_experiment, stage_executions
+from slmrl_ray.tuning.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_GRID = REPO / "tune_configs" / "tiny_grid.yaml"
+TINY_SEARCH = REPO / "tune_configs" / "tiny_search.yaml"
+TWO_CELLS = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext]"
+
+
+def executions(root: Storage) -> collections.Counter:
+    return collections.Counter((f"{e['model']}/{e['corpus']}", e["stage"]) for e in stage_executions(root))
+
+
+def read_csv(root: Storage) -> list[dict]:
+    return list(csv.DictReader(root.child("report", "results.csv").read_text().splitlines()))
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---------------------------------------------------------------- the full tiny grid
+
+
+@pytest.fixture(scope="module")
+def full_grid(ray_cluster, session_dir):
+    """The shipped 15-cell tiny grid, one cell crashing mid-PPO on its first attempt."""
+    experiment = load_tune_config(TINY_GRID, [
+        f"storage_path={session_dir / 'tune'}",
+        "faults.crash_at_ppo_step=4",
+        "faults.cells=[pythia-70m/tinystories]",
+    ])
+    started = time.perf_counter()
+    summary = run_experiment(experiment, "grid")
+    wall = time.perf_counter() - started
+    root = experiment_root(experiment)
+    records = load_records(root)
+    trial_time = sum(r["trial_wall_time_s"] for r in records)
+    print(f"\ntiny grid: {wall:.1f} s wall, {trial_time:.1f} s of trials (last attempts), "
+          f"{trial_time / 2:.1f} s ideal on 2 CPUs -> overhead ratio {wall / (trial_time / 2):.2f}")
+    return experiment, root, summary
+
+
+def test_grid_results_table_has_fifteen_complete_rows(full_grid):
+    experiment, root, summary = full_grid
+    rows = read_csv(root)
+    assert len(rows) == 15 and summary["cells_with_results"] == 15
+    assert {f"{r['model']}/{r['corpus']}" for r in rows} == set(experiment.cells)
+    numeric = ("sft_perplexity", "ppo_perplexity", "sft_reward", "ppo_reward", "delta_reward", "win_rate",
+               "ppo_distinct_1", "ppo_distinct_2", "ppo_rougeL", "ppo_bleu")
+    for row in rows:
+        for column in numeric:
+            assert math.isfinite(float(row[column])), (row["model"], row["corpus"], column)
+        assert float(row["delta_reward"]) == pytest.approx(float(row["ppo_reward"]) - float(row["sft_reward"]))
+    for name in ("results.md", "results.json", "rewards.png", "win_rates.png", "registry.json"):
+        assert root.child("report", name).is_file(), name
+
+
+def test_every_stage_ran_once_except_the_ppo_that_crashed(full_grid):
+    experiment, root, _ = full_grid
+    counts = executions(root)
+    crashed = ("pythia-70m/tinystories", "ppo")
+    for cell in experiment.cells:
+        for stage in STAGES:
+            assert counts[(cell, stage)] == (2 if (cell, stage) == crashed else 1), (cell, stage)
+    # The retried attempt resumed PPO from the step-4 checkpoint instead of starting over.
+    record = next(r for r in load_records(root) if r["model"] == "pythia-70m" and r["corpus"] == "tinystories")
+    assert record["resumed_from_ppo_step"] == 4
+    assert record["metrics"]["ppo"]["resumed_from_step"] == 4 and record["metrics"]["ppo"]["steps"] == 8
+    assert record["wall_time_s"].keys() == {"ppo", "eval"}  # the retry fetched data, SFT and the RM
+
+
+def test_registry_points_at_loadable_safetensors_artifacts(full_grid):
+    from slmrl_ray.models import load_causal_lm, load_reward_model, load_tokenizer
+
+    _, root, _ = full_grid
+    registry = root.child("report", "registry.json").read_json()
+    assert len(registry["cells"]) == 15
+    entry = registry["cells"]["smollm2-135m/wikitext"]
+    for stage in ("sft", "ppo", "reward"):
+        assert Path(entry[stage]["uri"], "model.safetensors").is_file()
+    assert entry["reward"]["metrics"]["heldout_accuracy"] > 0.5
+    tokenizer = load_tokenizer(entry["ppo"]["uri"])
+    policy = load_causal_lm(entry["ppo"]["uri"], tokenizer)
+    reward_model = load_reward_model(entry["reward"]["uri"], load_tokenizer(entry["reward"]["uri"]))
+    assert policy.config.model_type == "llama" and reward_model.config.num_labels == 1
+
+
+def test_trials_log_to_tensorboard_through_tune(full_grid):
+    _, root, _ = full_grid
+    trial_dirs = [Path(root.path, "grid", name) for name in root.child("grid").list() if name.startswith("cell_trial")]
+    assert len(trial_dirs) == 15
+    for trial_dir in trial_dirs:
+        assert list(trial_dir.glob("events.out.tfevents.*")), trial_dir
+        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert any("ppo/reward_mean" in r for r in results)
+
+
+# ---------------------------------------------------------------- search
+
+
+def test_search_trains_sft_and_rm_once_and_ranks_ppo_trials(ray_cluster, tmp_path):
+    experiment = load_tune_config(TINY_SEARCH, [f"storage_path={tmp_path}"])
+    summary = run_experiment(experiment, "search")
+    root = experiment_root(experiment)
+    cell = experiment.cells[0]
+    counts = executions(root)
+    assert [counts[(cell, s)] for s in ("data", "sft", "reward")] == [1, 1, 1]
+    assert counts[(cell, "ppo")] == experiment.config.search.num_samples == 4
+    records = load_records(root)
+    assert records and summary["cells_with_results"] == 1
+    search = experiment.config.search
+    samples = [(r["params"]["ppo.init_kl_coef"], r["params"]["ppo.learning_rate"]) for r in records]
+    assert len(set(samples)) == len(samples)
+    for kl_coef, learning_rate in samples:
+        assert search.kl_coef.low <= kl_coef <= search.kl_coef.high
+        assert search.learning_rate.low <= learning_rate <= search.learning_rate.high
+    for record in records:  # the objective is the held-out gain with the KL penalty
+        expected = record["evaluation"]["delta_reward"] - 0.05 * record["metrics"]["ppo"]["kl_last"]
+        assert record["objective"] == pytest.approx(expected)
+    best = max(records, key=lambda r: r["objective"])
+    entry = root.child("report", "registry.json").read_json()["cells"][cell]
+    assert entry["ppo"]["trial_id"] == best["trial_id"]
+    assert entry["ppo"]["params"] == best["params"]
+    assert root.child("report", "search_landscape.png").is_file()
+
+
+# ---------------------------------------------------------------- driver killed
+
+
+def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage(ray_cluster, tmp_path):
+    three = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext]"
+    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    root = Storage.from_uri(str(tmp_path)).child("killed")
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: root.child("results").list(), 400, "the first finished cell")
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    published = {
+        (f"{model}/{corpus}", stage)
+        for model in root.child("artifacts").list() if model != "_executions"
+        for corpus in root.child("artifacts", model).list()
+        for stage in root.child("artifacts", model, corpus).list()
+        for fingerprint in root.child("artifacts", model, corpus, stage).list()
+        if root.child("artifacts", model, corpus, stage, fingerprint, "stage.json").is_file()
+    }
+    assert 5 <= len(published) < 15, published  # killed mid-experiment, with a cell finished
+    before = executions(root)
+
+    from slmrl_ray.tuning.experiment import resume_experiment
+
+    started = time.perf_counter()
+    summary = resume_experiment(root.uri)
+    print(f"\nresume after SIGKILL: {time.perf_counter() - started:.1f} s; "
+          f"stages done before the kill: {len(published)}/15")
+    after = executions(root)
+    for key in published:
+        assert after[key] == before[key] == 1, key  # a finished stage never runs again
+    assert summary["cells_with_results"] == 3
+    cells = {cell for cell, _ in after}
+    assert len(cells) == 3 and all(after[(cell, stage)] >= 1 for cell in cells for stage in STAGES)
+
+
+# ---------------------------------------------------------------- S3-compatible storage
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A moto S3 server on 127.0.0.1 (a real HTTP server, separate process) with one bucket."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    wait_for(lambda: _reachable(client), 30, "the moto server")
+    client.create_bucket(Bucket="slmrl-test")
+    yield f"s3://slmrl-test/experiments?endpoint_override=127.0.0.1:{port}&scheme=http", client
+    server.terminate()
+    server.wait()
+
+
+def _reachable(client) -> bool:
+    try:
+        client.list_buckets()
+        return True
+    except Exception:  # noqa: BLE001 (not up yet)
+        return False
+
+
+def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_cluster, s3_bucket, tmp_path):
+    from slmrl_ray.models import load_causal_lm, load_tokenizer
+
+    uri, client = s3_bucket
+    experiment = load_tune_config(TINY_GRID, [f"storage_path={uri}", "name=on-s3", "cells=[pythia-70m/tinystories]"])
+    run_experiment(experiment, "grid")
+    root = experiment_root(experiment)
+    assert root.uri.startswith("s3://slmrl-test/experiments/on-s3?endpoint_override=")
+    ran = executions(root)
+    assert sum(ran.values()) == 5
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    resumed = cli("resume", root.uri, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "| pythia-70m | tinystories |" in resumed.stdout
+    assert executions(root) == ran  # nothing left to run, nothing re-run
+    client.delete_object(Bucket="slmrl-test", Key="experiments/on-s3/report/registry.json")
+    reported = cli("report", root.uri, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="slmrl-test", Prefix="experiments/on-s3/")["Contents"]}
+    assert "experiments/on-s3/report/registry.json" in keys
+    assert any(k.startswith("experiments/on-s3/grid/cell_trial") and "/checkpoint_" in k for k in keys)
+
+    # The registry's URIs are real: the PPO policy comes back from the bucket and loads.
+    entry = root.child("report", "registry.json").read_json()["cells"]["pythia-70m/tinystories"]
+    assert entry["ppo"]["uri"].startswith("s3://") and "endpoint_override" in entry["ppo"]["uri"]
+    Storage.from_uri(entry["ppo"]["uri"]).download(tmp_path / "policy")
+    policy = load_causal_lm(tmp_path / "policy", load_tokenizer(tmp_path / "policy"))
+    assert policy.config.model_type == "gpt_neox"
+
+
+# ---------------------------------------------------------------- GPU scheduling (logical GPU)
+
+
+@pytest.mark.parametrize("gpu, share", [(0.5, True), (1, False)])
+def test_trials_are_scheduled_on_the_gpu_fraction_they_ask_for(ray_cluster, tmp_path, gpu, share):
+    experiment = load_tune_config(TINY_GRID, [
+        f"storage_path={tmp_path}", f"name=gpu-{gpu}", TWO_CELLS, "stages=[data, sft]", f"resources.gpu={gpu}",
+    ])
+    run_experiment(experiment, "grid")
+    records = load_records(experiment_root(experiment))
+    assert len(records) == 2
+    for record in records:
+        assert record["resources"]["GPU"] == gpu and record["gpu_ids"] == ["0"]
+    first, second = sorted(records, key=lambda r: r["started_at"])
+    overlap = second["started_at"] < first["ended_at"]
+    assert overlap is share  # two halves share the one GPU at once; two wholes take turns
+
+
+# ---------------------------------------------------------------- several nodes
+
+
+def test_grid_finishes_after_a_worker_node_is_removed_mid_run(ray_cluster, tmp_path):
+    worker = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 1024 * 1024)
+    ray_cluster.wait_for_nodes()
+    four = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext, smollm2-135m/tinystories]"
+    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=nodes", four, "max_failures=3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    root = Storage.from_uri(str(tmp_path)).child("nodes")
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(
+                lambda: root.child("artifacts", "_executions").exists() and any(
+                    e["node"] == worker.node_id and e["stage"] in ("reward", "ppo") for e in stage_executions(root)),
+                400, "a trial on the worker node to reach the reward model")
+            ray_cluster.remove_node(worker)
+            code = driver.wait(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert code == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    history = stage_executions(root)
+    on_worker = {(e["model"], e["corpus"]) for e in history if e["node"] == worker.node_id}
+    elsewhere = {(e["model"], e["corpus"]) for e in history if e["node"] != worker.node_id}
+    assert on_worker & elsewhere  # a cell started on the lost node and was finished on another
+    assert len(load_records(root)) == 4 and len(read_csv(root)) == 4
