@@ -26,6 +26,7 @@ import yaml
 
 from slmrl_ray.artifacts import STAGES
 from slmrl_ray.config import ConfigError, PRESETS_DIR, load_config, to_dict
+from slmrl_ray.tuning.config import ExperimentError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,25 +92,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     experiment = load_tune_config(args.tune_config, args.overrides)
     _quiet_libraries()
-    from slmrl_ray.tuning.experiment import ExperimentError, run_experiment
+    from slmrl_ray.tuning.experiment import run_experiment
 
-    try:
-        run_experiment(experiment, args.command)
-    except ExperimentError as error:
-        print(f"slmrl-ray: {error}", file=sys.stderr)
-        return 1
+    run_experiment(experiment, args.command)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from slmrl_ray.tuning.experiment import ExperimentError, resume_experiment
+    from slmrl_ray.tuning.experiment import resume_experiment
 
-    try:
-        resume_experiment(args.uri)
-    except ExperimentError as error:
-        print(f"slmrl-ray: {error}", file=sys.stderr)
-        return 1
+    resume_experiment(args.uri)
     return 0
 
 
@@ -119,8 +112,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     root = Storage.from_uri(args.uri)
     if not root.child(MANIFEST).is_file():
-        print(f"slmrl-ray: no {MANIFEST} under {root.uri}: not an slmrl-ray experiment", file=sys.stderr)
-        return 1
+        raise ExperimentError(f"no {MANIFEST} under {root.uri}: not an slmrl-ray experiment")
     write_report(root)
     return 0
 
@@ -139,20 +131,17 @@ def _add_tune_commands(commands) -> None:
         command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                              help="tune-config overrides, e.g. storage_path=s3://bucket/x resources.gpu=0.5")
         command.set_defaults(func=cmd_tune)
-    resume = commands.add_parser(
-        "resume", help="continue an interrupted grid or search",
-        description="Continue a grid or search from its storage (after a crash or a killed driver): "
-        "finished stages are fetched, unfinished trials resume from their last checkpoint.",
-    )
-    resume.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
-    resume.set_defaults(func=cmd_resume)
-    report = commands.add_parser(
-        "report", help="write the results table, plots and registry.json of an experiment",
-        description="Read the finished cells of a grid or search (no Ray needed) and write "
-        "report/results.{md,csv,json}, PNG plots and registry.json under the experiment folder.",
-    )
-    report.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
-    report.set_defaults(func=cmd_report)
+    for name, summary, description, func in (
+        ("resume", "continue an interrupted grid or search",
+         "Continue a grid or search from its storage (after a crash or a killed driver): "
+         "finished stages are fetched, unfinished trials resume from their last checkpoint.", cmd_resume),
+        ("report", "write the results table, plots and registry.json of an experiment",
+         "Read the finished cells of a grid or search (no Ray needed) and write "
+         "report/results.{md,csv,json}, PNG plots and registry.json under the experiment folder.", cmd_report),
+    ):
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
+        command.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"slmrl-ray: config error: {error}", file=sys.stderr)
         return 2
+    except ExperimentError as error:
+        print(f"slmrl-ray: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_driver(args: list[str], cluster, log_path: Path) -> subprocess.Popen:
+    """`slmrl-ray <args>` as its own driver process, connected to the test cluster."""
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
 def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,16 +177,13 @@ def test_search_trains_sft_and_rm_once_and_ranks_ppo_trials(ray_cluster, tmp_pat
 def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage(ray_cluster, tmp_path):
     three = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext]"
     args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     root = Storage.from_uri(str(tmp_path)).child("killed")
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: root.child("results").list(), 400, "the first finished cell")
-        finally:
-            driver.send_signal(signal.SIGKILL)
-            driver.wait()
+    driver = start_driver(args, ray_cluster, tmp_path / "driver.log")
+    try:
+        wait_for(lambda: root.child("results").list(), 400, "the first finished cell")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
     published = {
         (f"{model}/{corpus}", stage)
         for model in root.child("artifacts").list() if model != "_executions"
@@ -291,21 +296,18 @@ def test_grid_finishes_after_a_worker_node_is_removed_mid_run(ray_cluster, tmp_p
     ray_cluster.wait_for_nodes()
     four = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext, smollm2-135m/tinystories]"
     args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=nodes", four, "max_failures=3"]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     root = Storage.from_uri(str(tmp_path)).child("nodes")
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(
-                lambda: root.child("artifacts", "_executions").exists() and any(
-                    e["node"] == worker.node_id and e["stage"] in ("reward", "ppo") for e in stage_executions(root)),
-                400, "a trial on the worker node to reach the reward model")
-            ray_cluster.remove_node(worker)
-            code = driver.wait(timeout=600)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    driver = start_driver(args, ray_cluster, tmp_path / "driver.log")
+    try:
+        wait_for(
+            lambda: root.child("artifacts", "_executions").exists() and any(
+                e["node"] == worker.node_id and e["stage"] in ("reward", "ppo") for e in stage_executions(root)),
+            400, "a trial on the worker node to reach the reward model")
+        ray_cluster.remove_node(worker)
+        code = driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
     assert code == 0, (tmp_path / "driver.log").read_text()[-3000:]
     history = stage_executions(root)
     on_worker = {(e["model"], e["corpus"]) for e in history if e["node"] == worker.node_id}

@@ -136,3 +136,35 @@ def test_a_tune_checkpoint_restores_the_ppo_state_and_its_log(tmp_path):
     assert (paths.ppo / "checkpoints" / "step-000004" / "state.json").exists()
     assert (paths.ppo / "log.jsonl").read_text() == '{"step": 1}\n'
     assert restore_ppo_checkpoint(tmp_path / "empty", RunPaths(tmp_path / "run2")) == 0
+
+
+def test_cli_exit_codes_for_a_bad_tune_config_and_a_folder_that_is_no_experiment(tmp_path, capsys):
+    from slmrl_ray.cli import main
+
+    assert main(["grid", str(write(tmp_path, "name: x\nresources: {gpus: 1}\n"))]) == 2
+    assert "resources.gpus: unknown key" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 1
+    assert "not an slmrl-ray experiment" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path)]) == 1
+
+
+def test_search_settings_reach_optuna_asha_and_the_concurrency_limit(tmp_path):
+    from slmrl_ray.tuning.experiment import _search_tune_config
+
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
+        "search: {num_samples: 6, max_concurrent: 3, scheduler: {grace_period: 50}}\n")))
+    search_phase = phases(experiment, "search")[1]
+    tune_config = _search_tune_config(experiment, search_phase, index=2)
+    assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("objective", "max", 6)
+    assert tune_config.search_alg.max_concurrent == 3
+    assert tune_config.search_alg.searcher._seed == 2  # one study per cell, each with its own seed
+    scheduler = tune_config.scheduler
+    assert scheduler._time_attr == "ppo_step" and scheduler._max_t == 30
+    assert scheduler._brackets[0]._rungs[-1][0] == 30  # grace period capped at the PPO steps
+
+    pareto = load_tune_config(write(tmp_path, (
+        "name: x\ncells: [pythia-70m/tinystories]\nsearch: {objective: {kind: pareto}}\n")))
+    tune_config = _search_tune_config(pareto, phases(pareto, "search")[1], index=0)
+    assert tune_config.search_alg.searcher.metric == ["reward_gain", "kl"]
+    assert tune_config.search_alg.searcher.mode == ["max", "min"]

@@ -29,6 +29,10 @@ from slmrl_ray.config import (
     preset_path,
 )
 
+class ExperimentError(RuntimeError):
+    """Trials failed for good (after their retries), or an experiment cannot start or resume."""
+
+
 # The values a search samples, as pipeline config keys.
 SEARCHED_KEYS = {"kl_coef": "ppo.init_kl_coef", "learning_rate": "ppo.learning_rate"}
 

@@ -27,15 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 from slmrl_ray.config import ConfigError
-from slmrl_ray.tuning.config import SEARCHED_KEYS, TuneExperiment, experiment_from_dict
+from slmrl_ray.tuning.config import SEARCHED_KEYS, ExperimentError, TuneExperiment, experiment_from_dict
 from slmrl_ray.tuning.storage import ArtifactStore, Storage, normalize_uri
 
 MANIFEST = "experiment.json"
 UPSTREAM = ("data", "sft", "reward")
-
-
-class ExperimentError(RuntimeError):
-    """Trials failed for good (after their retries), or the experiment cannot start."""
 
 
 @dataclass(frozen=True)

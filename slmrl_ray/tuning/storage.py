@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-from slmrl_ray.artifacts import RunPaths, read_json, stage_fingerprints
+from slmrl_ray.artifacts import RunPaths, stage_fingerprints
 from slmrl_ray.config import PipelineConfig
 
 # PPO checkpoints travel as Tune checkpoints; the published stage keeps only the result.
@@ -200,7 +200,3 @@ def node_id() -> str:
         pass
     return socket.gethostname()
 
-
-def local_stage_marker(paths: RunPaths, stage: str) -> dict | None:
-    marker = paths.stage(stage) / MARKER
-    return read_json(marker) if marker.exists() else None
