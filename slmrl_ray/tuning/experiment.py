@@ -56,8 +56,7 @@ def phases(experiment: TuneExperiment, kind: str) -> list[Phase]:
     if kind == "grid":
         return [Phase("grid", "grid", experiment.cells, stages)]
     upstream = tuple(s for s in stages if s in UPSTREAM)
-    searched = [Phase(f"search-{cell.replace('/', '-')}", "search", (cell,), tuple(s for s in stages))
-                for cell in experiment.cells]
+    searched = [Phase(f"search-{cell.replace('/', '-')}", "search", (cell,), stages) for cell in experiment.cells]
     return [Phase("prepare", "prepare", experiment.cells, upstream), *searched]
 
 
@@ -271,10 +270,7 @@ def write_report(root: Storage, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def stage_executions(root: Storage, experiment: TuneExperiment | None = None) -> list[dict]:
-    """Every recorded stage execution of an experiment (see `ArtifactStore.executions`)."""
-    if experiment is None:
-        saved = root.child(MANIFEST).read_json()
-        custom = saved["tune_config"].get("artifacts_path")
-        return ArtifactStore(Storage.from_uri(custom) if custom else root.child("artifacts")).executions()
-    return ArtifactStore(artifacts_storage(experiment, root)).executions()
+def stage_executions(root: Storage) -> list[dict]:
+    """Every recorded stage execution of the experiment at `root` (see `ArtifactStore.executions`)."""
+    custom = root.child(MANIFEST).read_json()["tune_config"].get("artifacts_path")
+    return ArtifactStore(Storage.from_uri(custom) if custom else root.child("artifacts")).executions()
