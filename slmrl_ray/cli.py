@@ -8,6 +8,7 @@
     slmrl-ray search tune_configs/tiny_search.yaml          # Optuna over PPO KL coef and LR
     slmrl-ray resume ~/slmrl_ray_results/tiny-grid          # continue after a crash (any URI)
     slmrl-ray report s3://bucket/slmrl-ray/tiny-grid        # results table, plots, registry.json
+    slmrl-ray serve ~/slmrl_ray_results/tiny-grid           # OpenAI-compatible HTTP on 127.0.0.1
 
 `run` executes one configuration end to end without Ray, resuming at the first
 unfinished stage when rerun, and prints the study's results row. Trailing `a.b.c=value`
@@ -117,6 +118,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from slmrl_ray.serving.launch import serve_forever
+
+    _quiet_libraries()
+    serve_forever(args.source, host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve_command(commands) -> None:
+    command = commands.add_parser(
+        "serve", help="serve the policies and reward models of an experiment over HTTP",
+        description="Start the Ray Serve application (OpenAI-compatible /v1/completions, "
+        "/v1/chat/completions, plus /v1/rewards, /v1/compare, /v1/best_of_n) and print its URL. "
+        "SOURCE is a Serve config (serve_configs/*.yaml), a registry.json, or an experiment folder or URI.",
+    )
+    command.add_argument("source", metavar="SOURCE")
+    command.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or the config's)")
+    command.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's)")
+    command.set_defaults(func=cmd_serve)
+
+
 def _add_tune_commands(commands) -> None:
     for name, summary in (
         ("grid", "run every (model, corpus) cell of a tune config as a Ray Tune trial"),
@@ -168,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(show)
     show.set_defaults(func=cmd_config)
     _add_tune_commands(commands)
+    _add_serve_command(commands)
     return parser
 
 

@@ -1,0 +1,158 @@
+"""Serve application arguments and the model catalog they resolve to (no Ray needed).
+
+The `args` of a Serve config's application (`serve_configs/*.yaml`) are validated here
+as strictly as every other config (unknown key or wrong type: a `ConfigError` naming its
+dotted path). They name where the models come from, either the `registry.json` that a
+grid or search wrote (a path or URI, or the experiment folder holding `report/`) or
+explicit artifact folders, and which cells and stages to serve, with limits and
+deployment sizes.
+
+The catalog maps model ids (`ppo/pythia-70m/tinystories`, `sft/...`, `reward/...`) to
+artifact URIs. Requests name model ids only. A request field is never turned into a
+path: an id missing from the catalog is a 404.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slmrl_ray.config import ConfigError, build_dataclass
+
+POLICY_STAGES = ("sft", "ppo")
+
+
+@dataclass(frozen=True)
+class ArtifactEntry:
+    """One model given explicitly: a stage folder (holding `model/`) of one cell."""
+
+    cell: str  # "model/corpus"
+    stage: Literal["sft", "ppo", "reward"]
+    uri: str  # the stage folder: a path or URI (its `model/` holds the weights)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 512  # longer prompts are a 400 (never silently cut)
+    max_tokens: int = 256  # cap on a request's max_tokens
+    max_n: int = 8  # cap on n (completions, best-of-n)
+    max_reward_pairs: int = 64  # pairs per /v1/rewards request
+    max_body_bytes: int = 65_536
+    request_timeout_s: float = 60.0  # longer requests end with a 503
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Ray resources and concurrency of one deployment."""
+
+    num_replicas: int = 1
+    num_cpus: float = 0.25  # fractional: on a small machine whole CPUs per replica never fit
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32  # large enough for @serve.batch to fill its batches
+    max_queued_requests: int = 64  # beyond this, requests get a 503 (overload, not an error)
+
+
+@dataclass(frozen=True)
+class PolicySizing(Sizing):
+    max_models_per_replica: int = 4  # LRU of loaded policies per replica (Serve multiplexing)
+
+
+@dataclass(frozen=True)
+class RewardSizing(Sizing):
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_models_per_replica: int = 4
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    registry: str | None = None  # registry.json, or an experiment folder (its report/registry.json)
+    artifacts: tuple[ArtifactEntry, ...] = ()  # instead of a registry
+    cells: tuple[str, ...] = ()  # empty: every cell of the registry
+    stages: tuple[Literal["sft", "ppo"], ...] = POLICY_STAGES  # policies to serve
+    device: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+    policy: PolicySizing = field(default_factory=PolicySizing)
+    reward: RewardSizing = field(default_factory=RewardSizing)
+    ingress: Sizing = field(default_factory=lambda: Sizing(max_ongoing_requests=128, max_queued_requests=256))
+
+    def __post_init__(self) -> None:
+        if (self.registry is None) == (not self.artifacts):
+            raise ConfigError("give exactly one of `registry` and `artifacts`")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_id: str  # "<stage>/<model>/<corpus>"
+    stage: str
+    cell: str
+    uri: str  # the weights folder
+    stage_uri: str  # its stage folder (config.json: the pipeline config that made it)
+    fingerprint: str  # the artifact's hash: which configs produced it
+
+    @property
+    def provenance(self) -> dict:
+        return {"cell": self.cell, "stage": self.stage, "artifact": self.fingerprint}
+
+
+def parse_args(args: dict) -> ServeArgs:
+    return build_dataclass(ServeArgs, args)
+
+
+def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedModel:
+    from slmrl_ray.tuning.storage import join_uri
+
+    return ServedModel(f"{stage}/{cell}", stage, cell, join_uri(stage_uri, "model"), stage_uri, fingerprint)
+
+
+def _parent(uri: str) -> str:
+    base, mark, query = uri.partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + mark + query
+
+
+def _registry(uri: str) -> dict:
+    from slmrl_ray.tuning.storage import Storage
+
+    place = Storage.from_uri(uri)
+    if not place.is_file():
+        place = place.child("report", "registry.json")
+    if not place.is_file():
+        raise ConfigError(f"registry: no registry.json at {uri} (nor under its report/)")
+    return place.read_json()
+
+
+def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
+    """Model id -> served model, for the policies of `args.stages` and each cell's reward model."""
+    catalog: dict[str, ServedModel] = {}
+    if args.registry is not None:
+        cells = _registry(args.registry)["cells"]
+        unknown = [c for c in args.cells if c not in cells]
+        if unknown:
+            raise ConfigError(f"cells: {unknown[0]!r} is not in the registry (it has {sorted(cells)})")
+        for cell in args.cells or sorted(cells):
+            entry = cells[cell]
+            for stage in (*args.stages, "reward"):
+                stage_uri = _parent(entry[stage]["uri"])
+                catalog[f"{stage}/{cell}"] = _model(stage, cell, stage_uri, entry["fingerprints"][stage])
+    else:
+        for item in args.artifacts:
+            if args.cells and item.cell not in args.cells:
+                continue
+            if item.stage != "reward" and item.stage not in args.stages:
+                continue
+            catalog[f"{item.stage}/{item.cell}"] = _model(item.stage, item.cell, item.uri, _fingerprint(item.uri))
+    if not any(m.stage != "reward" for m in catalog.values()):
+        raise ConfigError("nothing to serve: no policy matches `cells` and `stages`")
+    return catalog
+
+
+def _fingerprint(stage_uri: str) -> str:
+    """The fingerprint in a stage folder's stage.json (what produced it), or "unknown"."""
+    from slmrl_ray.tuning.storage import Storage
+
+    marker = Storage.from_uri(stage_uri).child("stage.json")
+    return marker.read_json().get("fingerprint", "unknown") if marker.is_file() else "unknown"
+
+
+def reward_for(catalog: dict[str, ServedModel], cell: str) -> ServedModel | None:
+    return catalog.get(f"reward/{cell}")
