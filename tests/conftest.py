@@ -83,6 +83,12 @@ def neox_run():
     return _run_pipeline("gpt_neox")
 
 
+@pytest.fixture(scope="session")
+def llama_run():
+    """The Llama run alone."""
+    return _run_pipeline("llama")
+
+
 @pytest.fixture
 def run_copy(neox_run, tmp_path):
     """A private copy of the GPT-NeoX run's data/sft/reward stages and its config pointing at it."""

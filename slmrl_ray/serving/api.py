@@ -19,7 +19,7 @@ class _Request(BaseModel):
 
 
 class _Sampling(_Request):
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # unset: 16 for completions (as OpenAI), the cap for chat
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -67,7 +67,7 @@ class RewardsRequest(_Request):
 class CompareRequest(_Request):
     cell: str  # "<model>/<corpus>"
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # unset: 64, or the cap when lower
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     seed: int | None = Field(0, ge=0, le=2**63 - 1)
@@ -77,7 +77,7 @@ class BestOfNRequest(_Request):
     model: str  # a policy id
     prompt: str = Field(min_length=1)
     n: int = Field(4, ge=1)
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # unset: 64, or the cap when lower
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -220,6 +220,10 @@ class Gateway:
             raise Failure(404, f"reward model {name!r} is not served (reward models: {known})", "model")
         return model
 
+    def _max_tokens(self, asked: int | None, default: int) -> int:
+        """The request's max_tokens within the limit; unset: `default`, or the limit when lower."""
+        return min(default, self.limits.max_tokens) if asked is None else asked
+
     def _check_limits(self, max_tokens: int, n: int = 1) -> None:
         if max_tokens > self.limits.max_tokens:
             raise Failure(400, f"max_tokens: {max_tokens} is over the limit of {self.limits.max_tokens}", "max_tokens")
@@ -270,8 +274,9 @@ class Gateway:
 
     async def _completion(self, body, chat: bool, prompt=None, messages=None):
         model = self._policy(body.model)
-        self._check_limits(body.max_tokens, body.n)
-        result = await self._generate(model, prompt, messages, max_tokens=body.max_tokens,
+        max_tokens = self._max_tokens(body.max_tokens, self.limits.max_tokens if chat else 16)
+        self._check_limits(max_tokens, body.n)
+        result = await self._generate(model, prompt, messages, max_tokens=max_tokens,
                                       temperature=body.temperature, top_p=body.top_p, n=body.n,
                                       stop=body.stops(), seed=body.seed)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
@@ -298,10 +303,11 @@ class Gateway:
 
     @app.post("/v1/compare")
     async def compare(self, body: CompareRequest) -> dict:
-        self._check_limits(body.max_tokens)
+        max_tokens = self._max_tokens(body.max_tokens, 64)
+        self._check_limits(max_tokens)
         reward = self._reward(body.cell)
         policies = [self._policy(f"{stage}/{body.cell}") for stage in ("sft", "ppo")]
-        sampling = dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, n=1,
+        sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=1,
                         stop=(), seed=body.seed)
         results = await asyncio.gather(*(self._generate(p, body.prompt, **sampling) for p in policies))
         texts = [r["choices"][0]["text"] for r in results]
@@ -317,9 +323,10 @@ class Gateway:
     @app.post("/v1/best_of_n")
     async def best_of_n(self, body: BestOfNRequest) -> dict:
         model = self._policy(body.model)
-        self._check_limits(body.max_tokens, body.n)
+        max_tokens = self._max_tokens(body.max_tokens, 64)
+        self._check_limits(max_tokens, body.n)
         reward = self._reward(model.cell)
-        result = await self._generate(model, body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
+        result = await self._generate(model, body.prompt, max_tokens=max_tokens, temperature=body.temperature,
                                       top_p=body.top_p, n=body.n, stop=(), seed=body.seed)
         texts = [c["text"] for c in result["choices"]]
         scores = await self._score(reward, [body.prompt] * len(texts), texts)
