@@ -225,6 +225,25 @@ def test_concurrent_reward_requests_are_batched(server):
     assert httpx.get(f"{server}/health").json()["reward_batches"]["max_batch_size"] > 1
 
 
+def test_concurrent_completions_share_a_generate_call_and_greedy_output_is_unchanged(server, client):
+    alone = client.completions.create(model="sft/smollm2-135m/wikitext", prompt="The history of",
+                                      max_tokens=12, temperature=0).choices[0].text
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as session:
+            prompts = ["The history of", "The river", "The history of", "In 1990 the"]
+            bodies = [{"model": "sft/smollm2-135m/wikitext", "prompt": p, "max_tokens": 12, "temperature": 0}
+                      for p in prompts]
+            return await asyncio.gather(*(session.post(f"{server}/v1/completions", json=b) for b in bodies))
+
+    before = httpx.get(f"{server}/health").json()["policy_batches"]["batches"]
+    responses = asyncio.run(together())
+    texts = [r.json()["choices"][0]["text"] for r in responses]
+    assert texts[0] == texts[2] == alone  # left-padded in a batch, greedy decodes as alone
+    stats = httpx.get(f"{server}/health").json()["policy_batches"]
+    assert stats["max_batch_size"] > 1 and stats["batches"] - before < 4
+
+
 def test_overload_is_a_503_never_a_500(server):
     async def flood():
         async with httpx.AsyncClient(timeout=120) as session:

@@ -7,7 +7,8 @@ Three deployments:
 - `PolicyDeployment` hosts the SFT and PPO policies of many cells with Serve's model
   multiplexing (`ppo/pythia-70m/tinystories` is a multiplexed model id; each replica keeps
   an LRU of `policy.max_models_per_replica` loaded policies, and Serve routes a request to a
-  replica that already holds its model);
+  replica that already holds its model), and batches concurrent requests into one
+  `generate` call (`@serve.batch`);
 - `RewardDeployment` scores (prompt, response) pairs with `@serve.batch`, so pairs from
   concurrent requests share forward passes;
 - `Gateway`, the FastAPI ingress, validates requests, applies the limits and composes the
@@ -93,9 +94,15 @@ async def _limit_body(request: Request, call_next):
 
 @serve.deployment
 class PolicyDeployment:
-    """Generates from multiplexed policies; the model id comes with each request."""
+    """Generates from multiplexed policies; the model id comes with each request.
 
-    def __init__(self, models: dict[str, dict], device: str, max_prompt_tokens: int, max_models: int) -> None:
+    Unseeded requests for the same policy and the same max_tokens/temperature/top_p that
+    arrive together share one `generate` call (`@serve.batch`); a seeded request runs alone,
+    so its seed alone decides its sample.
+    """
+
+    def __init__(self, models: dict[str, dict], device: str, max_prompt_tokens: int, max_models: int,
+                 max_batch_size: int, batch_wait_timeout_s: float) -> None:
         from slmrl_ray.serving.runners import PolicyRunner
 
         catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
@@ -103,18 +110,43 @@ class PolicyDeployment:
         async def load(model_id: str):  # a plain function: Serve keeps its LRU on it
             return await asyncio.to_thread(PolicyRunner, catalog[model_id], device, max_prompt_tokens)
 
+        self.batch_sizes: list[int] = []
+
+        async def generate_batch(items: list[tuple]) -> list[tuple]:
+            self.batch_sizes.append(len(items))
+            groups: dict[tuple, list[int]] = {}
+            for index, (runner, _, sampling) in enumerate(items):
+                key = (id(runner), sampling.max_tokens, sampling.temperature, sampling.top_p)
+                groups.setdefault(key, []).append(index)
+            results: dict[int, tuple] = {}
+            for rows in groups.values():
+                runner = items[rows[0]][0]
+                outputs = await asyncio.to_thread(runner.complete_batch, [items[i][1:] for i in rows])
+                results.update(zip(rows, outputs))
+            return [results[i] for i in range(len(items))]
+
         self._runner = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+        self._generate = serve.batch(max_batch_size=max_batch_size,
+                                     batch_wait_timeout_s=batch_wait_timeout_s)(generate_batch)
 
     async def complete(self, prompt: str | None, messages: list[dict] | None, sampling: dict) -> dict:
         from slmrl_ray.serving.runners import RequestError, Sampling
 
         runner = await self._runner(serve.get_multiplexed_model_id())
+        sampling = Sampling(**sampling)
         try:
             text = prompt if messages is None else runner.format_chat(messages)
-            choices, prompt_tokens = await asyncio.to_thread(runner.complete, text, Sampling(**sampling))
+            runner.check_prompt(text)
+            if sampling.seed is None:
+                choices, prompt_tokens = await self._generate((runner, text, sampling))
+            else:
+                choices, prompt_tokens = await asyncio.to_thread(runner.complete, text, sampling)
         except RequestError as failure:
             return {"error": str(failure), "param": failure.param}
         return {"choices": [asdict(c) for c in choices], "prompt_tokens": prompt_tokens}
+
+    def batch_stats(self) -> dict:
+        return _batch_stats(self.batch_sizes)
 
 
 @serve.deployment
@@ -155,8 +187,12 @@ class RewardDeployment:
         return list(await asyncio.gather(*(self._score_one((model_id, p, r)) for p, r in zip(prompts, responses))))
 
     def batch_stats(self) -> dict:
-        sizes = self.batch_sizes[-1000:]
-        return {"batches": len(self.batch_sizes), "max_batch_size": max(sizes, default=0)}
+        return _batch_stats(self.batch_sizes)
+
+
+def _batch_stats(sizes: list[int]) -> dict:
+    """How full `@serve.batch` batches were (this replica): count and largest."""
+    return {"batches": len(sizes), "max_batch_size": max(sizes, default=0)}
 
 
 # ---------------------------------------------------------------- the ingress
@@ -253,8 +289,9 @@ class Gateway:
 
     @app.get("/health")
     async def health(self) -> dict:
-        stats = await self._call(self.reward.batch_stats.remote())
-        return {"status": "ok", "models": len(self.catalog), "reward_batches": stats}
+        rewards, policies = await asyncio.gather(self._call(self.reward.batch_stats.remote()),
+                                                 self._call(self.policy.batch_stats.remote()))
+        return {"status": "ok", "models": len(self.catalog), "reward_batches": rewards, "policy_batches": policies}
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -359,7 +396,8 @@ def build_app(args: dict):
     policies = {k: v for k, v in plain.items() if v["stage"] != "reward"}
     rewards = {k: v for k, v in plain.items() if v["stage"] == "reward"}
     policy = PolicyDeployment.options(**_options(parsed.policy)).bind(
-        policies, parsed.device, parsed.limits.max_prompt_tokens, parsed.policy.max_models_per_replica)
+        policies, parsed.device, parsed.limits.max_prompt_tokens, parsed.policy.max_models_per_replica,
+        parsed.policy.max_batch_size, parsed.policy.batch_wait_timeout_s)
     reward = RewardDeployment.options(**_options(parsed.reward)).bind(
         rewards, parsed.device, parsed.reward.max_models_per_replica, parsed.reward.max_batch_size,
         parsed.reward.batch_wait_timeout_s)

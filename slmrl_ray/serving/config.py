@@ -55,6 +55,8 @@ class Sizing:
 @dataclass(frozen=True)
 class PolicySizing(Sizing):
     max_models_per_replica: int = 4  # LRU of loaded policies per replica (Serve multiplexing)
+    max_batch_size: int = 8  # concurrent requests (same policy and settings) per generate call
+    batch_wait_timeout_s: float = 0.01
 
 
 @dataclass(frozen=True)

@@ -106,23 +106,40 @@ class PolicyRunner:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages)
 
-    def complete(self, prompt: str, sampling: Sampling) -> tuple[list[Choice], int]:
-        """`n` choices for one prompt, and the prompt's token count."""
+    def check_prompt(self, prompt: str) -> int:
+        """The prompt's token count; a `RequestError` when it is empty or over the limit."""
         used = self.prompt_tokens(prompt)
         if used == 0:
             raise RequestError("the prompt is empty after tokenization", "prompt")
         if used > self.max_prompt_tokens:
             raise RequestError(f"the prompt has {used} tokens; the limit is {self.max_prompt_tokens}", "prompt")
-        greedy = sampling.temperature == 0
-        settings = SamplingSettings(sampling.max_tokens, max(sampling.temperature, 1e-5), sampling.top_p,
-                                    greedy=greedy)
+        return used
+
+    def complete(self, prompt: str, sampling: Sampling) -> tuple[list[Choice], int]:
+        """`n` choices for one prompt, and the prompt's token count."""
+        return self.complete_batch([(prompt, sampling)])[0]
+
+    def complete_batch(self, requests: list[tuple[str, Sampling]]) -> list[tuple[list[Choice], int]]:
+        """Several requests in one `generate` call. They must share max_tokens, temperature and
+        top_p (the caller groups them); a seeded request must come alone (its seed is the batch's)."""
+        first = requests[0][1]
+        if len(requests) > 1 and any(s.seed is not None for _, s in requests):
+            raise ValueError("a seeded request is generated alone")
+        used = [self.check_prompt(prompt) for prompt, _ in requests]
+        greedy = first.temperature == 0
+        counts = [1 if greedy else s.n for _, s in requests]  # greedy choices are identical: decode once
+        prompts = [prompt for (prompt, _), count in zip(requests, counts) for _ in range(count)]
+        settings = SamplingSettings(first.max_tokens, max(first.temperature, 1e-5), first.top_p, greedy=greedy)
         with self._lock:
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            batch = 1 if greedy else sampling.n  # greedy choices are identical: decode once
-            gen = generate(self.model, self.tokenizer, [prompt] * batch, settings, self.max_prompt_tokens, self.device)
-        choices = [self._choice(ids, mask, sampling) for ids, mask in zip(gen.response_ids, gen.response_mask)]
-        return (choices * sampling.n if greedy else choices), used
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            gen = generate(self.model, self.tokenizer, prompts, settings, self.max_prompt_tokens, self.device)
+        rows = iter(zip(gen.response_ids, gen.response_mask))
+        results = []
+        for (_, sampling), count, prompt_tokens in zip(requests, counts, used):
+            choices = [self._choice(ids, mask, sampling) for ids, mask in (next(rows) for _ in range(count))]
+            results.append((choices * sampling.n if greedy else choices, prompt_tokens))
+        return results
 
     def _choice(self, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling) -> Choice:
         token_ids = ids[mask.bool()].tolist()

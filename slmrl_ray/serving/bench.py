@@ -1,0 +1,161 @@
+"""Serving benchmark: the Ray Serve application against the naive one-process server.
+
+    python -m slmrl_ray.serving.bench --registry ~/slmrl_ray_results/tiny-grid \\
+        --cell pythia-70m/tinystories --out serve_bench.json
+
+For each server in turn (never both at once: they share the CPU), completions
+(`max_tokens` new tokens, sampled) and rewards (one pair per request) are sent at
+concurrency 1, 8 and 32; printed: requests/s and p50/p99 latency, and the Serve/naive
+ratios. Figures are for the machine it runs on, which the JSON records with the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+CONCURRENCY = (1, 8, 32)
+PROMPT = "Once upon a time, a little girl named Lily"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def _drive(url: str, body: dict, requests: int, concurrency: int) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as session:
+        async def one() -> None:
+            nonlocal failures
+            async with gate:
+                started = time.perf_counter()
+                response = await session.post(url, json=body)
+                latencies.append(time.perf_counter() - started)
+                failures += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        wall = time.perf_counter() - started
+    return {"requests": requests, "concurrency": concurrency, "failures": failures,
+            "throughput_rps": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * _percentile(latencies, 0.99)}
+
+
+def _measure(base: str, model: str | None, reward: str | None, args) -> dict:
+    completion = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 1.0}
+    rewards = {"pairs": [{"prompt": PROMPT, "response": " who loved to play in the park."}]}
+    if model:
+        completion["model"], rewards["model"] = model, reward
+    results = {}
+    for route, body, count in (("completions", completion, args.completions), ("rewards", rewards, args.rewards)):
+        asyncio.run(_drive(f"{base}/v1/{route}", body, 4, 4))  # warm-up: models loaded, caches filled
+        results[route] = [asyncio.run(_drive(f"{base}/v1/{route}", body, count, c)) for c in CONCURRENCY]
+    return results
+
+
+def _wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up in {timeout} s")
+
+
+def bench_naive(policy_uri: str, reward_uri: str, args) -> dict:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "slmrl_ray.serving.naive", "--policy", policy_uri,
+                               "--reward", reward_uri, "--port", str(port)])
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/docs")
+        return _measure(f"http://127.0.0.1:{port}", None, None, args)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def bench_serve(cell: str, args) -> dict:
+    import ray
+    from ray import serve
+
+    from slmrl_ray.serving.app import build_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {"registry": args.registry, "cells": [cell], "stages": ["ppo"], "device": "cpu",
+                "policy": {"num_replicas": args.policy_replicas, "num_cpus": 0.5, "max_ongoing_requests": 64,
+                           "max_queued_requests": 1024, "max_batch_size": 32},
+                "reward": {"num_cpus": 0.5, "max_batch_size": 32, "max_ongoing_requests": 64,
+                           "max_queued_requests": 1024},
+                "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 1024}}
+    serve.run(build_app(app_args), name="slmrl", route_prefix="/")
+    try:
+        return _measure(f"http://127.0.0.1:{port}", f"ppo/{cell}", f"reward/{cell}", args)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def format_table(naive: dict, served: dict) -> str:
+    lines = ["| route | concurrency | naive req/s | Serve req/s | ratio | naive p50/p99 ms | Serve p50/p99 ms |",
+             "|---|---|---|---|---|---|---|"]
+    for route in ("completions", "rewards"):
+        for base, ours in zip(naive[route], served[route]):
+            lines.append(
+                f"| {route} | {base['concurrency']} | {base['throughput_rps']:.1f} | {ours['throughput_rps']:.1f} | "
+                f"{ours['throughput_rps'] / base['throughput_rps']:.2f}x | {base['p50_ms']:.0f}/{base['p99_ms']:.0f} | "
+                f"{ours['p50_ms']:.0f}/{ours['p99_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from slmrl_ray.serving.config import parse_args, build_catalog
+
+    parser = argparse.ArgumentParser(description="Ray Serve vs a naive one-process server")
+    parser.add_argument("--registry", required=True, help="registry.json, or an experiment folder or URI")
+    parser.add_argument("--cell", default="pythia-70m/tinystories")
+    parser.add_argument("--completions", type=int, default=64, help="completion requests per concurrency level")
+    parser.add_argument("--rewards", type=int, default=256, help="reward requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--policy-replicas", type=int, default=1)
+    parser.add_argument("--out", default="serve_bench.json")
+    args = parser.parse_args(argv)
+    catalog = build_catalog(parse_args({"registry": args.registry, "cells": [args.cell], "stages": ["ppo"]}))
+    naive = bench_naive(catalog[f"ppo/{args.cell}"].stage_uri, catalog[f"reward/{args.cell}"].stage_uri, args)
+    served = bench_serve(args.cell, args)
+    table = format_table(naive, served)
+    print(table)
+    import torch
+
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    with open(args.out, "w") as handle:
+        json.dump({"machine": machine, "settings": vars(args), "naive": naive, "serve": served}, handle, indent=2)
+    print(f"\n{machine}\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
