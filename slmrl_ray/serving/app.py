@@ -227,9 +227,6 @@ async def _sse(choices: list[dict], meta: dict, chat: bool):
     yield "data: [DONE]\n\n"
 
 
-
-
-
 @serve.deployment
 @serve.ingress(app)
 class Gateway:
