@@ -9,6 +9,7 @@
     slmrl-ray resume ~/slmrl_ray_results/tiny-grid          # continue after a crash (any URI)
     slmrl-ray report s3://bucket/slmrl-ray/tiny-grid        # results table, plots, registry.json
     slmrl-ray serve ~/slmrl_ray_results/tiny-grid           # OpenAI-compatible HTTP on 127.0.0.1
+    slmrl-ray bench stages --preset tiny                    # measured speed (also rollout, tune, serve)
 
 `run` executes one configuration end to end without Ray, resuming at the first
 unfinished stage when rerun, and prints the study's results row. Trailing `a.b.c=value`
@@ -126,6 +127,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slmrl_ray import bench
+
+    if args.target == "serve":
+        from slmrl_ray.serving.bench import main as serve_bench
+
+        serve_bench(args.rest)
+        return 0
+    if args.target == "tune":
+        bench.report("tune", bench.bench_tune(args.uri), {"experiment": args.uri}, args.out)
+        return 0
+    config = _config_from_args(args)
+    _quiet_libraries()
+    from slmrl_ray.config import to_dict
+
+    settings = to_dict(config)
+    if args.target == "stages":
+        bench.report("stages", bench.bench_stages(config), settings, args.out)
+    else:
+        bench.report("rollout", bench.bench_rollout(config, args.repeats), settings, args.out)
+    return 0
+
+
+def _add_bench_command(commands) -> None:
+    command = commands.add_parser(
+        "bench", help="measure the speed of the stages, PPO rollouts, a Tune experiment or serving",
+        description="Print a markdown table of measured speeds and write them as JSON with the machine, "
+        "library versions and settings.",
+    )
+    targets = command.add_subparsers(dest="target", required=True)
+    for name, summary in (("stages", "every stage of one configuration, from scratch"),
+                          ("rollout", "one PPO rollout against bare generate")):
+        target = targets.add_parser(name, help=summary, description=summary)
+        _add_config_arguments(target)
+        target.add_argument("--out", help=f"JSON output (default bench_{name}.json)")
+        if name == "rollout":
+            target.add_argument("--repeats", type=int, default=5)
+    tune = targets.add_parser("tune", help="Tune's overhead for a finished grid or search")
+    tune.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
+    tune.add_argument("--out", help="JSON output (default bench_tune.json)")
+    serve = targets.add_parser("serve", help="Ray Serve against a naive server (see slmrl_ray.serving.bench)",
+                               add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    command.set_defaults(func=cmd_bench)
+
+
 def _add_serve_command(commands) -> None:
     command = commands.add_parser(
         "serve", help="serve the policies and reward models of an experiment over HTTP",
@@ -191,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config)
     _add_tune_commands(commands)
     _add_serve_command(commands)
+    _add_bench_command(commands)
     return parser
 
 

@@ -86,6 +86,7 @@ def run_reward(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     metrics = {
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
+        "train_runtime_s": float(result.metrics["train_runtime"]),  # the optimisation loop alone
         "lora_max_change": largest_change,
         **pairwise_accuracy(scorer, heldout),
     }

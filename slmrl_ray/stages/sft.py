@@ -111,6 +111,7 @@ def run_sft(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
         "heldout_loss": float(eval_loss),
         "heldout_perplexity": math.exp(eval_loss),
         "steps": int(result.global_step),
+        "train_runtime_s": float(result.metrics["train_runtime"]),  # the optimisation loop alone
         "parameters": count_parameters(merged),
         "lora_max_change": largest_change,
     }

@@ -1,0 +1,176 @@
+"""`slmrl-ray bench <what>`: measured speed, printed as a markdown table and written as JSON.
+
+    slmrl-ray bench stages  [--preset tiny] [--model ...] [--corpus ...] [a.b.c=value ...]
+    slmrl-ray bench rollout [same options] [--repeats 5]
+    slmrl-ray bench tune    <experiment folder or URI>
+    slmrl-ray bench serve   --registry <experiment or registry.json>   (slmrl_ray.serving.bench)
+
+- `stages` runs one configuration from scratch in a scratch folder: SFT tokens/s and RM
+  pairs/s (over the optimiser loop, `train_runtime`), the PPO step split into generation,
+  scoring and update with rollout tokens/s, evaluation time, and peak memory.
+- `rollout` compares one PPO rollout (sampling, reward scoring, policy/reference/value
+  passes, GAE) with bare `generate` on the same model, prompts, batch and length.
+- `tune` reads a finished grid or search: the span of its trials against the sum of
+  trial times divided by the concurrency that ran (Tune's overhead).
+Every JSON records the machine (CPU or GPU name), library versions and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from slmrl_ray.artifacts import RunPaths, read_json
+from slmrl_ray.config import PipelineConfig
+
+
+def machine() -> dict:
+    import ray
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"device": device, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}
+
+
+def peak_memory_mb() -> dict:
+    import torch
+
+    peak = {"process_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else float("nan")
+
+
+def bench_stages(config: PipelineConfig) -> dict:
+    """Run every stage once for `config` (from scratch) and measure each."""
+    from slmrl_ray.pipeline import run_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
+        import dataclasses
+
+        config = dataclasses.replace(config, output_dir=folder)
+        results = run_pipeline(config, log=lambda line: None)
+        paths = RunPaths.for_config(config)
+        wall = {stage: read_json(paths.stage(stage) / "stage.json")["wall_time_s"] for stage in results}
+        log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+    sft, rm, ppo = config.sft, config.reward, config.ppo
+    sft_tokens = results["sft"]["steps"] * sft.batch_size * sft.grad_accum * sft.max_length  # packed: full blocks
+    rm_pairs = results["reward"]["steps"] * rm.batch_size * rm.grad_accum
+    steps = [r for r in log if "reward_mean" in r]
+    generate_s = _mean(r["time_generate_s"] for r in steps)
+    rows = [
+        {"stage": "data", "wall_s": wall["data"]},
+        {"stage": "sft", "wall_s": wall["sft"], "train_s": results["sft"]["train_runtime_s"],
+         "throughput": sft_tokens / results["sft"]["train_runtime_s"], "unit": "tokens/s"},
+        {"stage": "reward", "wall_s": wall["reward"], "train_s": results["reward"]["train_runtime_s"],
+         "throughput": rm_pairs / results["reward"]["train_runtime_s"], "unit": "pairs/s"},
+        {"stage": "ppo", "wall_s": wall["ppo"], "step_s": _mean(
+            r["time_generate_s"] + r["time_score_s"] + r["time_update_s"] for r in steps),
+         "generate_s": generate_s, "score_s": _mean(r["time_score_s"] for r in steps),
+         "update_s": _mean(r["time_update_s"] for r in steps),
+         "throughput": _mean(r["response_length"] for r in steps) * ppo.rollout_batch_size / generate_s,
+         "unit": "rollout tokens/s"},
+        {"stage": "eval", "wall_s": wall["eval"], "throughput": 2 * results["eval"]["num_prompts"] / wall["eval"],
+         "unit": "prompts/s (both policies)"},
+    ]
+    return {"rows": rows, "peak_memory": peak_memory_mb()}
+
+
+def bench_rollout(config: PipelineConfig, repeats: int = 5) -> dict:
+    """One PPO rollout against bare `generate` (same model, prompts, batch, new tokens)."""
+    import dataclasses
+
+    import torch
+
+    from slmrl_ray.generation import encode_prompts
+    from slmrl_ray.pipeline import run_pipeline
+    from slmrl_ray.rl_math import AdaptiveKLController, RunningMoments
+    from slmrl_ray.stages.ppo import build_components, collect_rollout, step_seed
+    from slmrl_ray.stages.ppo_state import PPOState
+
+    cfg = config.ppo
+    with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
+        config = dataclasses.replace(config, output_dir=folder)
+        run_pipeline(config, stages=("data", "sft", "reward"), log=lambda line: None)
+        parts = build_components(config, RunPaths.for_config(config))
+    state = PPOState(0, 0, RunningMoments(), AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target or 6.0, cfg.kl_horizon))
+    prompts = parts.prompts[: cfg.rollout_batch_size]
+    collect_rollout(parts, cfg, state, config.seed)  # warm-up
+    rollout_s, generate_s = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        collect_rollout(parts, cfg, state, config.seed + repeat)
+        rollout_s.append(time.perf_counter() - started)
+        input_ids, attention_mask = encode_prompts(parts.tokenizer, prompts, cfg.max_prompt_length)
+        torch.manual_seed(step_seed(config.seed, repeat))
+        started = time.perf_counter()
+        with torch.no_grad():
+            parts.model.policy.generate(input_ids=input_ids.to(parts.device), attention_mask=attention_mask.to(parts.device),
+                                        max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                        pad_token_id=parts.tokenizer.pad_token_id)
+        generate_s.append(time.perf_counter() - started)
+    rollout, bare = statistics.median(rollout_s), statistics.median(generate_s)
+    return {"rows": [{"batch": cfg.rollout_batch_size, "new_tokens": cfg.max_new_tokens, "rollout_s": rollout,
+                      "bare_generate_s": bare, "overhead_ratio": rollout / bare}],
+            "peak_memory": peak_memory_mb()}
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def bench_tune(uri: str) -> dict:
+    """Tune's overhead for a finished experiment, from its cell records."""
+    from slmrl_ray.tuning.config import ExperimentError
+    from slmrl_ray.tuning.experiment import load_records
+    from slmrl_ray.tuning.storage import Storage
+
+    records = [r for r in load_records(Storage.from_uri(uri)) if "started_at" in r]
+    if not records:
+        raise ExperimentError(f"no finished trials with timings under {uri}")
+    intervals = [(r["started_at"], r["ended_at"]) for r in records]
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    busy = sum(r["trial_wall_time_s"] for r in records)
+    concurrency = _max_overlap(intervals)
+    return {"rows": [{"trials": len(records), "concurrency": concurrency, "span_s": span, "trial_sum_s": busy,
+                      "ideal_s": busy / concurrency, "overhead_ratio": span / (busy / concurrency)}]}
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(target: str, result: dict, settings: dict, out: str | None) -> dict:
+    payload = {"target": target, "machine": machine(), "settings": settings, **result}
+    print(format_table(result["rows"]))
+    if "peak_memory" in result:
+        print(f"\npeak memory: {result['peak_memory']}")
+    print(f"machine: {payload['machine']['device']}, torch {payload['machine']['torch']}")
+    path = Path(out or f"bench_{target}.json")
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"written: {path}")
+    return payload
