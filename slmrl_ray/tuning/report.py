@@ -10,7 +10,7 @@ for a search -- and writes into a local folder:
 - `rewards.png`, `win_rates.png` and, for a search, `search_landscape.png`;
 - `registry.json`: per cell, the SFT, reward and PPO model URIs with their metrics, for serving.
 
-No Ray and no remote storage here: the caller gathers the records and uploads the folder, so
+No Ray here, and no storage access: the caller gathers the records and uploads the folder, so
 the report can be rebuilt from any process, and tested, without a cluster.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from slmrl_ray.pipeline import results_row
-from slmrl_ray.tuning.storage import join_uri  # noqa: F401 (re-exported for callers of the registry)
+from slmrl_ray.tuning.storage import join_uri
 
 MODEL_ORDER = ("pythia-70m", "pythia-160m", "pythia-410m", "smollm2-135m", "smollm2-360m")
 CORPUS_ORDER = ("tinystories", "cnn_dailymail", "wikitext")
