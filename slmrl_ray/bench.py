@@ -17,6 +17,7 @@ Every JSON records the machine (CPU or GPU name), library versions and the setti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -59,8 +60,6 @@ def bench_stages(config: PipelineConfig) -> dict:
     from slmrl_ray.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
-        import dataclasses
-
         config = dataclasses.replace(config, output_dir=folder)
         results = run_pipeline(config, log=lambda line: None)
         paths = RunPaths.for_config(config)
@@ -91,8 +90,6 @@ def bench_stages(config: PipelineConfig) -> dict:
 
 def bench_rollout(config: PipelineConfig, repeats: int = 5) -> dict:
     """One PPO rollout against bare `generate` (same model, prompts, batch, new tokens)."""
-    import dataclasses
-
     import torch
 
     from slmrl_ray.generation import encode_prompts

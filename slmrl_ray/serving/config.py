@@ -107,11 +107,6 @@ def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedMod
     return ServedModel(f"{stage}/{cell}", stage, cell, join_uri(stage_uri, "model"), stage_uri, fingerprint)
 
 
-def _parent(uri: str) -> str:
-    base, mark, query = uri.partition("?")
-    return base.rstrip("/").rsplit("/", 1)[0] + mark + query
-
-
 def _registry(uri: str) -> dict:
     from slmrl_ray.tuning.storage import Storage
 
@@ -125,6 +120,8 @@ def _registry(uri: str) -> dict:
 
 def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
     """Model id -> served model, for the policies of `args.stages` and each cell's reward model."""
+    from slmrl_ray.tuning.storage import parent_uri
+
     catalog: dict[str, ServedModel] = {}
     if args.registry is not None:
         cells = _registry(args.registry)["cells"]
@@ -134,7 +131,7 @@ def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
         for cell in args.cells or sorted(cells):
             entry = cells[cell]
             for stage in (*args.stages, "reward"):
-                stage_uri = _parent(entry[stage]["uri"])
+                stage_uri = parent_uri(entry[stage]["uri"])
                 catalog[f"{stage}/{cell}"] = _model(stage, cell, stage_uri, entry["fingerprints"][stage])
     else:
         for item in args.artifacts:

@@ -42,7 +42,7 @@ def local_folder(uri: str) -> Path:
     from slmrl_ray.tuning.storage import Storage
 
     place = Storage.from_uri(uri)
-    if type(place.filesystem).__name__ == "LocalFileSystem":
+    if place.is_local:
         return Path(place.path)
     root = Path(os.environ.get("SLMRL_RAY_SERVE_CACHE") or Path(tempfile.gettempdir()) / "slmrl-ray-serve")
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:20]

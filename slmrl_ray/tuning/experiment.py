@@ -28,7 +28,7 @@ from typing import Callable
 
 from slmrl_ray.config import ConfigError
 from slmrl_ray.tuning.config import SEARCHED_KEYS, ExperimentError, TuneExperiment, experiment_from_dict
-from slmrl_ray.tuning.storage import ArtifactStore, Storage, normalize_uri
+from slmrl_ray.tuning.storage import ArtifactStore, Storage, parent_uri
 
 MANIFEST = "experiment.json"
 UPSTREAM = ("data", "sft", "reward")
@@ -43,7 +43,7 @@ class Phase:
 
 
 def experiment_root(experiment: TuneExperiment) -> Storage:
-    return Storage.from_uri(normalize_uri(experiment.config.storage_uri)).child(experiment.config.name)
+    return Storage.from_uri(experiment.config.storage_uri).child(experiment.config.name)
 
 
 def artifacts_storage(experiment: TuneExperiment, root: Storage) -> Storage:
@@ -237,19 +237,10 @@ def resume_experiment(uri: str, log: Callable[[str], None] = print) -> dict:
     raw = saved["tune_config"]
     experiment = experiment_from_dict(raw, source=saved["source"], base=saved["pipeline"])
     if experiment_root(experiment).uri != root.uri:  # moved, or reached under another URI
-        moved = experiment_from_dict({**raw, "storage_path": _parent_uri(root)}, source=saved["source"],
+        moved = experiment_from_dict({**raw, "storage_path": parent_uri(root.uri)}, source=saved["source"],
                                      base=saved["pipeline"])
         experiment = dataclasses.replace(moved, raw=raw)
     return run_experiment(experiment, saved["kind"], log)
-
-
-def _parent_uri(root: Storage) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    scheme, netloc, path, query, fragment = urlsplit(root.uri)
-    if not scheme or len(scheme) == 1:
-        return str(Path(root.uri).parent)
-    return urlunsplit((scheme, netloc, path.rstrip("/").rsplit("/", 1)[0], query, fragment))
 
 
 def load_records(root: Storage) -> list[dict]:

@@ -47,6 +47,12 @@ def join_uri(uri: str, *parts: str) -> str:
     return urlunsplit((scheme, netloc, path, query, fragment))
 
 
+def parent_uri(uri: str) -> str:
+    """The URI or path one level up, keeping any query string."""
+    base, mark, query = uri.partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + mark + query
+
+
 def normalize_uri(uri: str) -> str:
     """Local paths become absolute (`~` expanded); URIs stay as they are."""
     scheme = urlsplit(uri).scheme
@@ -72,6 +78,10 @@ class Storage:
             raise ValueError(f"cannot open storage {uri!r}: {error}") from None
         return cls(uri, filesystem, path.rstrip("/") or "/")
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
     def child(self, *parts: str) -> "Storage":
         return Storage(join_uri(self.uri, *parts), self.filesystem, "/".join([self.path, *parts]))
 
@@ -95,7 +105,7 @@ class Storage:
         """Write a file; object stores make a put atomic, local files go through a rename."""
         parent = self.path.rsplit("/", 1)[0]
         self.filesystem.create_dir(parent, recursive=True)
-        if isinstance(self.filesystem, pafs.LocalFileSystem):
+        if self.is_local:
             scratch = Path(parent) / f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp"
             scratch.write_text(text)
             os.replace(scratch, self.path)

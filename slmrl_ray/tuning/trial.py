@@ -18,6 +18,7 @@ When the cell is done, its record (metrics, artifact URIs, params, objective) go
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slmrl_ray.artifacts import RunPaths, read_json, stage_fingerprints
+from slmrl_ray.artifacts import RunPaths, read_json, stage_fingerprints, write_json
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.tuning.config import Objective, TuneExperiment
 from slmrl_ray.tuning.storage import ArtifactStore, Storage
@@ -80,8 +81,6 @@ class ObjectiveTracker:
 
     def load_log(self, log_path: Path) -> None:
         """After a resume: the steps before the checkpoint, from PPO's own log."""
-        import json
-
         if log_path.exists():
             for line in log_path.read_text().splitlines():
                 record = json.loads(line)
@@ -146,8 +145,6 @@ class TuneReporter:
             raise InjectedFault(f"injected fault after PPO step {self.crash_at_ppo_step} ({self.cell})")
 
     def _fill_checkpoint(self, folder: Path, ppo_state: Path | None) -> None:
-        from slmrl_ray.artifacts import write_json
-
         self._count += 1
         write_json(folder / "progress.json", {"stages_done": self.stages_done, "sequence": self._count})
         if ppo_state is not None:
