@@ -3,12 +3,14 @@
     slmrl-ray bench stages  [--preset tiny] [--model ...] [--corpus ...] [a.b.c=value ...]
     slmrl-ray bench rollout [same options] [--repeats 5]
     slmrl-ray bench rl      [same options] [--repeats 3]
+    slmrl-ray bench shapes  [--models a,b] [--peak-tflops X] [a.b.c=value ...]   (slmrl_ray.bench_shapes)
     slmrl-ray bench tune    <experiment folder or URI>
     slmrl-ray bench serve   --registry <experiment or registry.json>   (slmrl_ray.serving.bench)
 
 - `stages` runs one configuration from scratch in a scratch folder: SFT tokens/s and RM
   pairs/s (over the optimiser loop, `train_runtime`), the PPO step split into generation,
-  scoring and update with rollout tokens/s, evaluation time, and peak memory.
+  scoring and update with rollout tokens/s (steps after the first), evaluation time, and
+  peak memory. `shapes` runs it on the study models at full size and projects the paper grid.
 - `rollout` compares one PPO rollout (sampling, reward scoring, policy/reference/value
   passes, GAE) with bare `generate` on the same model, prompts, batch and length.
 - `rl` runs a few steps of our PPO and of TRL's GRPO and RLOO (`ppo.algorithm`) on the same
@@ -71,27 +73,47 @@ def bench_stages(config: PipelineConfig) -> dict:
         paths = RunPaths.for_config(config)
         wall = {stage: read_json(paths.stage(stage) / "stage.json")["wall_time_s"] for stage in results}
         log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+        tokens_per_pair, prompt_tokens = _data_lengths(config, paths)
     sft, rm, ppo = config.sft, config.reward, config.ppo
     sft_tokens = results["sft"]["steps"] * sft.batch_size * sft.grad_accum * sft.max_length  # packed: full blocks
     rm_pairs = results["reward"]["steps"] * rm.batch_size * rm.grad_accum
     steps = [r for r in log if "reward_mean" in r]
+    steps = steps[1:] or steps  # the first step pays for warm-up (allocations, kernel choice)
     generate_s = _mean(r["time_generate_s"] for r in steps)
     rows = [
         {"stage": "data", "wall_s": wall["data"]},
         {"stage": "sft", "wall_s": wall["sft"], "train_s": results["sft"]["train_runtime_s"],
          "throughput": sft_tokens / results["sft"]["train_runtime_s"], "unit": "tokens/s"},
         {"stage": "reward", "wall_s": wall["reward"], "train_s": results["reward"]["train_runtime_s"],
-         "throughput": rm_pairs / results["reward"]["train_runtime_s"], "unit": "pairs/s"},
+         "throughput": rm_pairs / results["reward"]["train_runtime_s"], "unit": "pairs/s",
+         "tokens_per_pair": tokens_per_pair},
         {"stage": "ppo", "wall_s": wall["ppo"], "step_s": _mean(
             r["time_generate_s"] + r["time_score_s"] + r["time_update_s"] for r in steps),
          "generate_s": generate_s, "score_s": _mean(r["time_score_s"] for r in steps),
          "update_s": _mean(r["time_update_s"] for r in steps),
          "throughput": _mean(r["response_length"] for r in steps) * ppo.rollout_batch_size / generate_s,
-         "unit": "rollout tokens/s"},
+         "unit": "rollout tokens/s", "prompt_tokens": prompt_tokens,
+         "response_length": _mean(r["response_length"] for r in steps)},
         {"stage": "eval", "wall_s": wall["eval"], "throughput": 2 * results["eval"]["num_prompts"] / wall["eval"],
-         "unit": "prompts/s (both policies)"},
+         "unit": "prompts/s (both policies)", "num_prompts": results["eval"]["num_prompts"]},
     ]
     return {"rows": rows, "peak_memory": peak_memory_mb()}
+
+
+def _data_lengths(config: PipelineConfig, paths: RunPaths) -> tuple[float, float]:
+    """Mean tokens of a training pair (chosen + rejected, as the RM sees them) and of a PPO prompt."""
+    from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
+    from slmrl_ray.models import load_tokenizer
+    from slmrl_ray.scoring import encode_reward_text
+
+    tokenizer = load_tokenizer(paths.sft / "model")
+    pairs = load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair)
+    length = config.reward.max_length
+    pair_tokens = [len(encode_reward_text(tokenizer, p.prompt, p.chosen, length))
+                   + len(encode_reward_text(tokenizer, p.prompt, p.rejected, length)) for p in pairs]
+    prompt_tokens = [min(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), config.ppo.max_prompt_length)
+                     for prompt in ppo_prompts(pairs)]
+    return _mean(pair_tokens), _mean(prompt_tokens)
 
 
 def bench_rollout(config: PipelineConfig, repeats: int = 5) -> dict:

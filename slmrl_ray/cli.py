@@ -140,6 +140,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "tune":
         bench.report("tune", bench.bench_tune(args.uri), {"experiment": args.uri}, args.out)
         return 0
+    if args.target == "shapes":
+        from slmrl_ray.bench_shapes import FULL_SIZE, bench_shapes, format_projection
+
+        _quiet_libraries()
+        models = args.models.split(",") if args.models else list(FULL_SIZE)
+        unknown = sorted(set(models) - set(FULL_SIZE))
+        if unknown:
+            raise ConfigError(f"--models: unknown {', '.join(unknown)} (known: {', '.join(FULL_SIZE)})")
+        result = bench_shapes(models, args.overrides, args.peak_tflops)
+        bench.report("shapes", result, {"models": models, "overrides": args.overrides,
+                                        "peak_tflops": args.peak_tflops}, args.out)
+        print(format_projection(result["projection"]))
+        return 0
     config = _config_from_args(args)
     _quiet_libraries()
     from slmrl_ray.config import to_dict
@@ -171,6 +184,17 @@ def _add_bench_command(commands) -> None:
             target.add_argument("--repeats", type=int, default=5)
         if name == "rl":
             target.add_argument("--repeats", type=int, default=3, help="timed steps per algorithm")
+    shapes = targets.add_parser(
+        "shapes", help="the five study models at full size (random weights): every stage at the paper recipe's "
+        "batches and lengths, and the paper grid projected from the rates",
+        description="Build each study model's published architecture with random weights, run every stage for a "
+        "few steps at the paper recipe's batch sizes and lengths, and project the full 15-configuration grid.")
+    shapes.add_argument("--models", help="comma-separated model keys (default: all five)")
+    shapes.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for SFT MFU "
+                        "(default: looked up from the GPU's name)")
+    shapes.add_argument("--out", help="JSON output (default bench_shapes.json)")
+    shapes.add_argument("overrides", nargs="*", metavar="a.b.c=value",
+                        help="changes to the measurement config, e.g. sft.max_steps=10")
     tune = targets.add_parser("tune", help="Tune's overhead for a finished grid or search")
     tune.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
     tune.add_argument("--out", help="JSON output (default bench_tune.json)")
