@@ -4,7 +4,7 @@
     slmrl-ray bench rollout [same options] [--repeats 5]
     slmrl-ray bench rl      [same options] [--repeats 3]
     slmrl-ray bench shapes  [--models a,b] [--peak-tflops X] [a.b.c=value ...]   (slmrl_ray.bench_shapes)
-    slmrl-ray bench tune    <experiment folder or URI>
+    slmrl-ray bench tune    <experiment folder or URI> [more experiments to compare]
     slmrl-ray bench serve   --registry <experiment or registry.json>   (slmrl_ray.serving.bench)
 
 - `stages` runs one configuration from scratch in a scratch folder: SFT tokens/s and RM
@@ -19,7 +19,8 @@
   as a ratio to PPO. GRPO/RLOO sample `num_generations` responses per prompt, so a step holds
   fewer distinct prompts. The last step (it saves the final checkpoint) is not timed either.
 - `tune` reads a finished grid or search: the span of its trials against the sum of
-  trial times divided by the concurrency that ran (Tune's overhead).
+  trial times divided by the concurrency that ran (Tune's overhead). Given several (the
+  same grid at `resources.gpu=1` and `=0.25`, say), it adds each one's speed-up over the first.
 Every JSON records the machine (CPU or GPU name), library versions and the settings.
 """
 
@@ -40,13 +41,20 @@ from slmrl_ray.config import PipelineConfig
 
 
 def machine() -> dict:
-    import ray
+    """The device and library versions (read from package metadata: the stage benchmarks need no Ray)."""
+    from importlib import metadata
+
     import torch
-    import transformers
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return {"device": device, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}
+            "torch": torch.__version__, **{name: version(name) for name in ("transformers", "peft", "trl", "ray")}}
 
 
 def peak_memory_mb() -> dict:
@@ -207,21 +215,26 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def bench_tune(uri: str) -> dict:
-    """Tune's overhead for a finished experiment, from its cell records."""
+def bench_tune(uris: list[str]) -> dict:
+    """Tune's overhead for finished experiments, from their cell records; with several, each
+    one's speed-up over the first (the same grid at other resources: packing fractional GPUs)."""
     from slmrl_ray.tuning.config import ExperimentError
     from slmrl_ray.tuning.experiment import load_records
     from slmrl_ray.tuning.storage import Storage
 
-    records = [r for r in load_records(Storage.from_uri(uri)) if "started_at" in r]
-    if not records:
-        raise ExperimentError(f"no finished trials with timings under {uri}")
-    intervals = [(r["started_at"], r["ended_at"]) for r in records]
-    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
-    busy = sum(r["trial_wall_time_s"] for r in records)
-    concurrency = _max_overlap(intervals)
-    return {"rows": [{"trials": len(records), "concurrency": concurrency, "span_s": span, "trial_sum_s": busy,
-                      "ideal_s": busy / concurrency, "overhead_ratio": span / (busy / concurrency)}]}
+    rows = []
+    for uri in uris:
+        records = [r for r in load_records(Storage.from_uri(uri)) if "started_at" in r]
+        if not records:
+            raise ExperimentError(f"no finished trials with timings under {uri}")
+        intervals = [(r["started_at"], r["ended_at"]) for r in records]
+        span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+        busy = sum(r["trial_wall_time_s"] for r in records)
+        concurrency = _max_overlap(intervals)
+        rows.append({"experiment": uri, "trials": len(records), "concurrency": concurrency, "span_s": span,
+                     "trial_sum_s": busy, "ideal_s": busy / concurrency, "overhead_ratio": span / (busy / concurrency),
+                     "speedup_vs_first": rows[0]["span_s"] / span if rows else 1.0})
+    return {"rows": rows}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         serve_bench(args.rest)
         return 0
     if args.target == "tune":
-        bench.report("tune", bench.bench_tune(args.uri), {"experiment": args.uri}, args.out)
+        bench.report("tune", bench.bench_tune(args.uri), {"experiments": args.uri}, args.out)
         return 0
     if args.target == "shapes":
         from slmrl_ray.bench_shapes import FULL_SIZE, bench_shapes, format_projection
@@ -196,7 +196,8 @@ def _add_bench_command(commands) -> None:
     shapes.add_argument("overrides", nargs="*", metavar="a.b.c=value",
                         help="changes to the measurement config, e.g. sft.max_steps=10")
     tune = targets.add_parser("tune", help="Tune's overhead for a finished grid or search")
-    tune.add_argument("uri", metavar="PATH_OR_URI", help="the experiment folder: <storage_path>/<name>")
+    tune.add_argument("uri", metavar="PATH_OR_URI", nargs="+",
+                      help="the experiment folder, <storage_path>/<name>; several: each one's speed-up over the first")
     tune.add_argument("--out", help="JSON output (default bench_tune.json)")
     serve = targets.add_parser("serve", help="Ray Serve against a naive server (see slmrl_ray.serving.bench)",
                                add_help=False)

@@ -27,6 +27,8 @@ def test_bench_stages_reports_every_stage_with_throughputs(tmp_path, capsys):
         assert rows[stage]["unit"] == unit and math.isfinite(rows[stage]["throughput"]) and rows[stage]["throughput"] > 0
     ppo = rows["ppo"]
     assert ppo["step_s"] == pytest.approx(ppo["generate_s"] + ppo["score_s"] + ppo["update_s"])
+    assert 0 < ppo["response_length"] <= 8 and ppo["prompt_tokens"] > 0 and rows["eval"]["num_prompts"] == 4
+    assert rows["reward"]["tokens_per_pair"] > 2 * 3  # two sequences of prompt, blank line, response and EOS
     assert result["machine"]["device"] and result["machine"]["torch"]
     assert result["settings"]["ppo"]["steps"] == 2 and result["peak_memory"]["process_rss_mb"] > 0
     assert "| sft |" in capsys.readouterr().out
@@ -61,11 +63,17 @@ def test_bench_tune_measures_overhead_from_trial_records(tmp_path):
     # Two trials side by side (0-10 s, 1-9 s), then one alone (12-20 s): concurrency 2.
     for name, start, end, busy in (("a", 100, 110, 10), ("b", 101, 109, 8), ("c", 112, 120, 8)):
         results.child(f"{name}.json").write_json({"started_at": start, "ended_at": end, "trial_wall_time_s": busy})
+    # The same three trials one at a time (packed less tightly): 30 s.
+    serial = Storage.from_uri(str(tmp_path / "serial")).child("results")
+    for name, start, end in (("a", 0, 10), ("b", 10, 18), ("c", 20, 30)):
+        serial.child(f"{name}.json").write_json({"started_at": start, "ended_at": end, "trial_wall_time_s": end - start})
     out = tmp_path / "tune.json"
-    assert main(["bench", "tune", str(tmp_path), "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+    assert main(["bench", "tune", str(tmp_path / "serial"), str(tmp_path), "--out", str(out)]) == 0
+    first, row = json.loads(out.read_text())["rows"]
     assert (row["trials"], row["concurrency"], row["span_s"], row["trial_sum_s"]) == (3, 2, 20, 26)
     assert row["overhead_ratio"] == pytest.approx(20 / 13)
+    assert (first["concurrency"], first["span_s"], first["speedup_vs_first"]) == (1, 30, 1.0)
+    assert row["speedup_vs_first"] == pytest.approx(30 / 20)
     assert main(["bench", "tune", str(tmp_path / "empty")]) == 1
 
 
