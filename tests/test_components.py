@@ -162,6 +162,32 @@ def test_ppo_policy_starts_at_the_reference_with_only_lora_and_value_head_traina
     torch.testing.assert_close(policy.logprobs, reference.logprobs)
 
 
+def test_ppo_response_logprobs_match_the_full_forward_pass(neox_run):
+    """The policy's head runs on the response positions only; the numbers must equal a full pass's."""
+    from peft import LoraConfig
+
+    from slmrl_ray.generation import position_ids_from_mask
+    from slmrl_ray.stages.ppo_model import PolicyWithValueHead
+
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    base = load_causal_lm(paths.sft / "model", tokenizer)
+    model = PolicyWithValueHead(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    prompts = ["Once upon a time there was a little fox who", "The river"]  # different lengths: left padding
+    gen = generate(model.policy, tokenizer, prompts, SamplingSettings(8, temperature=0.7), 32, CPU)
+    outputs = model.response_outputs(*gen, temperature=0.7)
+    input_ids = torch.cat([gen.query_ids, gen.response_ids], dim=1)
+    attention_mask = torch.cat([gen.query_mask, gen.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model.policy(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask)).logits
+    start, width = gen.query_ids.shape[1] - 1, gen.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, start : start + width].float() / 0.7, dim=-1)
+    expected = expected.gather(-1, gen.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(outputs.logprobs, expected)
+    assert outputs.values.shape == outputs.entropy.shape == gen.response_ids.shape
+
+
 # ------------------------------------------------------------------ PPO state, rollback and checks
 
 

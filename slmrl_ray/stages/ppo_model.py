@@ -105,19 +105,24 @@ class PolicyWithValueHead(nn.Module):
         temperature: float,
         with_values: bool = True,
     ) -> ResponseOutputs:
-        """Log-probabilities (under the sampling temperature), values and entropy of the responses."""
+        """Log-probabilities (under the sampling temperature), values and entropy of the responses.
+
+        The LM head runs only where a response token is predicted (the last R + 1 positions):
+        at a 50k vocabulary it is most of a small model's FLOPs, and prompt positions need none.
+        """
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
         position_ids = position_ids_from_mask(attention_mask)
+        start, width = query_ids.shape[1] - 1, response_ids.shape[1]
         output = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=with_values and self.critic is None,
             use_cache=False,
+            logits_to_keep=width + 1,  # positions start .. end; the last predicts past the response
         )
-        start, width = query_ids.shape[1] - 1, response_ids.shape[1]
-        logits = output.logits[:, start : start + width].float() / temperature
+        logits = output.logits[:, :width].float() / temperature
         logprobs = logprobs_from_logits(logits, response_ids)
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
