@@ -221,12 +221,12 @@ def project_grid(rates_by_model: dict[str, dict], recipe: PipelineConfig,
 def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: float | None = None,
                  cache_dir: Path | None = None) -> dict:
     """Measure each full-size model's stages, then project the paper grid from the rates."""
+    from transformers import AutoConfig
+
     from slmrl_ray.bench import bench_stages, machine
     from slmrl_ray.config import load_config, to_dict
     from slmrl_ray.device import resolve_device, training_precision
     from slmrl_ray.tiny import default_cache_dir
-
-    from transformers import AutoConfig
 
     cache_dir = cache_dir or default_cache_dir()
     peak = peak_tflops * 1e12 if peak_tflops else peak_bf16_flops(machine()["device"])
