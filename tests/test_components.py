@@ -291,3 +291,28 @@ def test_untrained_or_broken_models_are_errors_not_warnings():
     with pytest.raises(TrainingCheckError, match="empty"):
         assert_responses_nonempty(mask, max_empty_fraction=0.5)
     assert assert_responses_nonempty(mask, max_empty_fraction=0.7) == pytest.approx(2 / 3)
+
+
+def test_random_initialisations_do_not_depend_on_what_the_process_ran_before(neox_run):
+    """A retried Tune trial may land in a reused Ray worker whose random state has moved on:
+    the RM's score head and LoRA, and PPO's LoRA and value head, must still start the same."""
+    from slmrl_ray.stages.ppo import build_components
+    from slmrl_ray.stages.reward import build_reward_trainer, training_pairs
+
+    config, paths, _ = neox_run
+    pairs = training_pairs(config, paths)["model"]
+
+    def reward_start(state: int) -> dict:
+        torch.manual_seed(state)  # stands in for whatever ran before in this process
+        model = build_reward_trainer(config, paths, pairs).model
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    def ppo_start(state: int) -> dict:
+        torch.manual_seed(state)
+        return {k: v.detach().clone() for k, v in build_components(config, paths).model.trainable_parameters().items()}
+
+    for start in (reward_start, ppo_start):
+        first, second = start(1), start(2)
+        assert first.keys() == second.keys() and any("lora_A" in k for k in first)
+        for name in first:
+            torch.testing.assert_close(first[name], second[name], msg=name)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report, stage_fingerprints
 from slmrl_ray.checks import assert_changed, assert_finite_state, assert_responses_nonempty, trainable_snapshot
@@ -99,7 +100,10 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
     dtype = ppo_dtype(count_parameters(base), device, config.ppo.fp32_below_params)
     base.to(dtype)
     # A fresh adapter (B = 0), without dropout so the importance ratios compare like with like.
+    # Its A matrices and the value head start random: seeded, so a retry in a reused Ray
+    # worker (whose random state has moved on) starts from the same weights as the first try.
     lora = lora_config(config, "CAUSAL_LM", dropout=0.0)
+    set_seed(config.seed)
     critic = None
     if config.ppo.value_init == "reward_model":  # the critic starts as the pipeline's reward model
         rm_tokenizer = load_tokenizer(paths.reward / "model")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
@@ -69,6 +70,9 @@ def build_reward_trainer(
     device = resolve_device(config.device)
     cfg = config.reward
     tokenizer = load_tokenizer(paths.sft / "model")
+    # The score head (here) and the LoRA (in the trainer) start random: seed them, or a retried
+    # trial in a reused Ray worker, whose random state has moved on, trains a different model.
+    set_seed(config.seed)
     model = load_reward_model(paths.sft / "model", tokenizer, device=device)
     args = TRLRewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
     return RewardTrainer(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
@@ -77,6 +78,7 @@ def build_sft_trainer(config: PipelineConfig, paths: RunPaths) -> SFTTrainer:
     cfg = config.sft
     base = base_model_path(config.model_config, config.cache_dir)
     tokenizer = load_tokenizer(base, config.model_config.revision)
+    set_seed(config.seed)  # the LoRA's random init, whatever this process ran before
     model = load_causal_lm(base, tokenizer, device=device, revision=config.model_config.revision)
     train, heldout = sft_datasets(config, paths)
     args = SFTConfig(

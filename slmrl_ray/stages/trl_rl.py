@@ -58,7 +58,7 @@ from typing import Sequence
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report, stage_fingerprints
@@ -222,6 +222,7 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     model.to(dtype)
     reward = TRLReward(build_reward(config.rewards, config, paths.reward, device, dtype), cfg.max_empty_fraction)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
+    set_seed(config.seed)  # the fresh LoRA's init, whatever this process ran before
     fingerprint = stage_fingerprints(config)["ppo"]
     resume = latest_checkpoint(paths.ppo / "checkpoints", fingerprint)
     resumed_from = json.loads((resume / "state.json").read_text())["step"] if resume is not None else 0
