@@ -108,7 +108,8 @@ class PolicyWithValueHead(nn.Module):
         """Log-probabilities (under the sampling temperature), values and entropy of the responses.
 
         The LM head runs only where a response token is predicted (the last R + 1 positions):
-        at a 50k vocabulary it is most of a small model's FLOPs, and prompt positions need none.
+        at a 50k vocabulary it is a large share of a small model's FLOPs (58 % of Pythia-70M's
+        matmul weights), and prompt positions need none.
         """
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
