@@ -27,9 +27,6 @@ peak (`PEAK_BF16_TFLOPS` or `--peak-tflops`); the CPU has no entry.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +96,11 @@ def model_config(key: str, tokenizer):
 
 def padded_tokenizer(vocab_size: int):
     """The tiny preset's byte-level BPE plus filler tokens up to `vocab_size`, so every id decodes."""
+    from slmrl_ray.config import TinyModelConfig
     from slmrl_ray.tiny import pretraining_texts, train_tokenizer
 
-    tokenizer = train_tokenizer(pretraining_texts(500, seed=1234), vocab_size=1024)
+    tiny = TinyModelConfig()
+    tokenizer = train_tokenizer(pretraining_texts(tiny.pretrain_documents, tiny.seed), tiny.vocab_size)
     tokenizer.add_tokens([f"<|filler{i}|>" for i in range(vocab_size - len(tokenizer))])
     return tokenizer
 
@@ -110,6 +109,8 @@ def full_size_dir(key: str, cache_dir: Path) -> Path:
     """A random-weight full-size model and its tokenizer, saved like a hub snapshot (cached)."""
     from transformers import AutoModelForCausalLM
 
+    from slmrl_ray.tiny import save_snapshot
+
     target = cache_dir / "full-size" / f"{key}-{fingerprint(FULL_SIZE[key])}"
     if (target / "model.safetensors").exists():
         return target
@@ -117,13 +118,7 @@ def full_size_dir(key: str, cache_dir: Path) -> Path:
     tokenizer = padded_tokenizer(FULL_SIZE[key]["vocab_size"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(key, tokenizer))
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-    try:  # written aside and renamed, so a crash never leaves a half-written model
-        model.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.save_pretrained(scratch)
-        os.replace(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    save_snapshot(model, tokenizer, target)
     return target
 
 

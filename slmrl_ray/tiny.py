@@ -139,7 +139,13 @@ def tiny_model_dir(family: str, cfg: TinyModelConfig, cache_dir: Path | None = N
     loss = pretrain(model, tokenizer, texts, cfg)
     if not math.isfinite(loss):
         raise RuntimeError(f"tiny {family} pretraining diverged (loss {loss})")
-    # Write to a scratch folder and rename, so a crash never leaves a half-written cache entry.
+    save_snapshot(model, tokenizer, target)
+    return target
+
+
+def save_snapshot(model, tokenizer, target: Path) -> None:
+    """Save like a hub snapshot into a scratch folder, then rename it to `target`: a crash
+    never leaves a half-written cache entry, and a process losing the race keeps the winner's."""
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
         model.save_pretrained(scratch, safe_serialization=True)
@@ -149,4 +155,3 @@ def tiny_model_dir(family: str, cfg: TinyModelConfig, cache_dir: Path | None = N
         shutil.rmtree(scratch, ignore_errors=True)
         if not (target / "model.safetensors").exists():  # not another process winning the race
             raise
-    return target
