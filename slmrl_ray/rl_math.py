@@ -22,7 +22,7 @@ __all__ = [
     "AdaptiveKLController", "FixedKLController", "PolicyLossStats", "RunningMoments",
     "ValueLossStats", "entropy_from_logits", "gae_advantages", "is_finite", "kl_penalty_rewards",
     "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten", "normalize_scores",
-    "policy_loss", "value_loss",
+    "penalize_short_responses", "policy_loss", "value_loss",
 ]
 
 
@@ -40,9 +40,10 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
         never poison a loss.
     """
     mask = mask.to(x.dtype)
-    # Multiply rather than index so the shape is static and padding that holds
-    # garbage (even inf would be a bug upstream) is zeroed before the sum.
-    num = (x * mask).sum() if dim is None else (x * mask).sum(dim=dim)
+    # Select rather than multiply: inf * 0 is NaN, so padding that holds garbage (a
+    # logprob of -inf at a masked slot, say) would poison the sum. The shape stays static.
+    weighted = torch.where(mask != 0, x * mask, torch.zeros_like(x))
+    num = weighted.sum() if dim is None else weighted.sum(dim=dim)
     den = mask.sum() if dim is None else mask.sum(dim=dim)
     return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
 
@@ -140,7 +141,7 @@ def kl_penalty_rewards(
         kl: [B, T] the "k1" estimate ``logprobs - ref_logprobs``, 0 on padding.
     """
     mask = response_mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * mask
+    kl = torch.where(mask != 0, (logprobs - ref_logprobs) * mask, torch.zeros_like(logprobs))
     rewards = -kl_coef * kl
     positions = torch.arange(mask.shape[-1], device=mask.device, dtype=mask.dtype)
     # argmax of mask * position finds the last real token even if the mask has
@@ -376,7 +377,7 @@ class RunningMoments:
         self.count = int(state["count"])
 
 
-def normalize_scores(scores: Tensor, moments: RunningMoments, clip: float) -> Tensor:
+def normalize_scores(scores: Tensor, moments: RunningMoments, clip: float, min_std: float = 1e-2) -> Tensor:
     """Running score normalisation then clipping: the study's +-3 clip.
 
     The caller must ``moments.update(scores)`` first, so the current batch is
@@ -386,12 +387,37 @@ def normalize_scores(scores: Tensor, moments: RunningMoments, clip: float) -> Te
         scores: [B] raw reward-model scores.
         moments: running statistics, already updated with ``scores``.
         clip: clip bound; output lies in [-clip, clip].
+        min_std: floor of the divisor. A flat reward (every response scored
+            alike, std ~1e-4) would otherwise blow noise up into +-clip
+            "signal"; with the floor, differences smaller than it stay small.
 
     Returns:
         [B] normalised, clipped scores, same dtype as ``scores``.
     """
-    normalized = (scores - moments.mean) / (moments.std + 1e-8)
+    normalized = (scores - moments.mean) / max(moments.std, min_std)
     return normalized.clamp(-clip, clip)
+
+
+def penalize_short_responses(
+    normalized: Tensor, short: Tensor, penalty: float
+) -> Tensor:
+    """Replace the normalised score of short or empty responses by a fixed penalty.
+
+    lm-human-preferences' ``penalty_reward_value`` and torchtune's ``reward_penalty``:
+    a reward model never trained on empty or fragment answers scores them by
+    accident, and under a per-token KL penalty ending early always pays, so a
+    policy drifts to them unless they cost a known amount. The caller keeps these
+    scores out of the running statistics.
+
+    Args:
+        normalized: [B] normalised scores.
+        short: [B] bool, True where the response is too short (or empty).
+        penalty: the score given to those responses.
+
+    Returns:
+        [B] scores, ``penalty`` where ``short``.
+    """
+    return torch.where(short, torch.full_like(normalized, penalty), normalized)
 
 
 def is_finite(*tensors: Tensor) -> bool:

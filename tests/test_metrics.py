@@ -85,3 +85,10 @@ def test_bleu_identical_and_mismatch() -> None:
     expected_bleu = 100 * (8 / 9 * 7 / 8 * 6 / 7 * 5 / 6) ** 0.25
     assert diff["bleu"] == pytest.approx(expected_bleu, rel=1e-6)
     assert diff["bleu"] != pytest.approx(diff["precision_4gram"])
+
+
+def test_rouge_stems_inflected_words() -> None:
+    """Porter stemming: "cats were running" matches "cat was run" on cat and run."""
+    scores = mt.rouge_scores(["the cats were running"], ["the cat was run"])
+    assert scores["rouge1"] == pytest.approx(3 / 4)  # the, cat, run; not were/was
+    assert scores["rouge2"] == pytest.approx(1 / 3)  # "the cat"

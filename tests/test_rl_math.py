@@ -235,3 +235,24 @@ def test_is_finite() -> None:
     assert rm.is_finite(torch.ones(3), torch.zeros(2, 2))
     assert not rm.is_finite(torch.ones(3), torch.tensor([1.0, float("nan")]))
     assert not rm.is_finite(torch.tensor([float("inf")]))
+
+
+def test_masked_mean_ignores_inf_and_nan_at_masked_positions() -> None:
+    """inf * 0 is NaN: masking must select, not multiply."""
+    x = torch.tensor([[1.0, 3.0, -math.inf], [2.0, math.nan, math.inf]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert rm.masked_mean(x, mask).item() == pytest.approx(2.0)
+    close(rm.masked_mean(x, mask, dim=1), [2.0, 2.0])
+    rewards, kl = rm.kl_penalty_rewards(torch.tensor([1.0]), torch.tensor([[-1.0, -math.inf]]),
+                                        torch.tensor([[-1.5, -2.0]]), torch.tensor([[1, 0]]), kl_coef=0.1)
+    assert torch.isfinite(rewards).all() and torch.isfinite(kl).all()
+    close(kl, [[0.5, 0.0]])
+
+
+def test_normalize_scores_floors_the_std_of_a_flat_reward() -> None:
+    moments = rm.RunningMoments()
+    flat = torch.tensor([1.0, 1.0001, 0.9999, 1.0])  # std ~8e-5: noise, not signal
+    moments.update(flat)
+    out = rm.normalize_scores(flat, moments, clip=3.0, min_std=1e-2)
+    assert out.abs().max().item() < 0.011  # without the floor these would be about +-1.2
+    close(rm.normalize_scores(flat, moments, clip=3.0, min_std=0.0), (flat - 1.0) / moments.std, atol=1e-4)
