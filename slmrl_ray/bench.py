@@ -130,16 +130,15 @@ def bench_rollout(config: PipelineConfig, repeats: int = 5) -> dict:
 
     from slmrl_ray.generation import encode_prompts
     from slmrl_ray.pipeline import run_pipeline
-    from slmrl_ray.rl_math import AdaptiveKLController, RunningMoments
     from slmrl_ray.stages.ppo import build_components, collect_rollout, step_seed
-    from slmrl_ray.stages.ppo_state import PPOState
+    from slmrl_ray.stages.ppo_state import initial_state
 
     cfg = config.ppo
     with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
         config = dataclasses.replace(config, output_dir=folder)
         run_pipeline(config, stages=("data", "sft", "reward"), log=lambda line: None)
         parts = build_components(config, RunPaths.for_config(config))
-    state = PPOState(0, 0, RunningMoments(), AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target or 6.0, cfg.kl_horizon))
+    state = initial_state(cfg)
     prompts = parts.prompts[: cfg.rollout_batch_size]
     collect_rollout(parts, cfg, state, config.seed)  # warm-up
     rollout_s, generate_s = [], []

@@ -6,7 +6,7 @@ frozen) and nobody noticed. Each check here raises `TrainingCheckError`, never w
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -43,10 +43,13 @@ def assert_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
             raise TrainingCheckError(f"{what}: non-finite values in {name}")
 
 
-def assert_responses_nonempty(response_mask: torch.Tensor, max_empty_fraction: float) -> float:
-    """A response is empty when its only token is EOS (or it has none). Returns the fraction."""
-    lengths = response_mask.sum(dim=1)
-    empty = float((lengths <= 1).float().mean())
+def assert_responses_nonempty(responses: Sequence[str], max_empty_fraction: float) -> float:
+    """A response is empty when its decoded text is only whitespace. Returns the fraction.
+
+    Counted on the text, not on tokens: a response of a lone newline or space token is as
+    empty to a reader (and to a reward model) as one that is just EOS.
+    """
+    empty = sum(not text.strip() for text in responses) / max(len(responses), 1)
     if empty > max_empty_fraction:
         raise TrainingCheckError(
             f"{empty:.0%} of the batch's responses are empty (limit {max_empty_fraction:.0%})"

@@ -113,6 +113,8 @@ class DataConfig:
     max_heldout: int = 500
     pair_heldout_fraction: float = 0.05
     max_heldout_pairs: int = 300
+    # Share of pairs that get an extra pair against an empty or fragment answer (data.degenerate_pairs).
+    degenerate_pairs: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,18 @@ class PPOConfig:
     temperature: float = 0.9
     top_p: float = 0.95
     top_k: int = 50
-    fp32_below_params: int = 200_000_000  # bf16 ratios explode below ~200M (SPEC 1.3)
+    # fp32 (the study's recipe, SPEC 1.2); bf16 (explicit; merging and saving stay fp32);
+    # auto: bf16 on a bf16 device for models of at least fp32_below_params parameters.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    fp32_below_params: int = 200_000_000  # for precision=auto: bf16 ratios explode below ~200M (SPEC 1.3)
     checkpoint_every: int = 25
     max_rollbacks: int = 5  # non-finite steps tolerated (each restores the last healthy state)
-    max_empty_fraction: float = 0.5  # a rollout with more empty responses stops the stage
+    max_empty_fraction: float = 0.5  # a rollout with more empty responses (decoded text) stops the stage
+    # A response with fewer tokens than this (EOS not counted), or empty once decoded, gets
+    # `short_response_penalty` as its normalised score, outside the running statistics
+    # (lm-human-preferences' penalty_reward_value, torchtune's reward_penalty). 0 turns it off.
+    min_response_tokens: int = 4
+    short_response_penalty: float = -3.0
 
     def __post_init__(self) -> None:
         if self.algorithm != "ppo" and self.rollout_batch_size % self.num_generations:
@@ -302,9 +312,11 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 1234
     num_bootstrap: int = 1000
-    # Reward-hacking flags: PPO responses this many times longer than SFT's, or PPO
-    # distinct-2 below this fraction of SFT's (and, with a judge, judge down while reward up).
+    # Reward-hacking flags: PPO responses this many times longer than SFT's, or shorter than
+    # this fraction of SFT's, or PPO distinct-2 below this fraction of SFT's (and, with a
+    # judge, a reward gain the judge does not confirm).
     hacking_length_ratio: float = 1.5
+    hacking_short_ratio: float = 0.5
     hacking_distinct_ratio: float = 0.7
 
 

@@ -1,9 +1,9 @@
 """The one place that decides device and dtype.
 
-Everything else receives a resolved `torch.device` and `torch.dtype`. The PPO dtype
-policy is the study's second fix (SPEC 1.3): bf16 importance ratios explode below
-~200M parameters, so PPO runs in float32 below `fp32_below_params`; bf16 is used only
-on a CUDA device that supports it, and never on the CPU.
+Everything else receives a resolved `torch.device` and `torch.dtype`. PPO runs in
+float32 (the study's recipe and its second fix, SPEC 1.2/1.3: bf16 importance ratios
+explode below ~200M parameters); bf16 is an explicit `ppo.precision`, used only on a
+CUDA device that supports it, never on the CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +38,24 @@ def training_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def ppo_dtype(num_parameters: int, device: torch.device, fp32_below_params: int) -> torch.dtype:
-    """float32 for small models (the study's fix) and on devices without bf16; bf16 otherwise."""
+def ppo_dtype(
+    precision: str, num_parameters: int, device: torch.device, fp32_below_params: int
+) -> torch.dtype:
+    """PPO's dtype: float32 unless the config asks otherwise.
+
+    'fp32' (the default, and the study's recipe: SPEC 1.2 runs PPO in float32 for every
+    model); 'bf16' is an explicit choice and an error where the device lacks it; 'auto'
+    takes bf16 on a bf16 device for models of at least `fp32_below_params` parameters
+    (bf16 importance ratios explode below ~200M).
+    """
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if not bf16_supported(device):
+            raise RuntimeError(f"ppo.precision=bf16 was requested but {device} does not support it")
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; known: fp32, bf16, auto")
     if num_parameters < fp32_below_params or not bf16_supported(device):
         return torch.float32
     return torch.bfloat16

@@ -7,18 +7,22 @@ The math lives in `slmrl_ray.rl_math`; this file only orchestrates.
 
 The study's fixes (SPEC 1.3), all here:
   1. merge-and-reinitialise: a fresh LoRA on the merged SFT weights (`ppo_model`);
-  2. float32 below `ppo.fp32_below_params` (`device.ppo_dtype`);
+  2. float32 (`ppo.precision`, `device.ppo_dtype`); bf16 only when asked, and the final
+     merge always in float32 (`ppo_model.merge_in_fp32`);
   3. running score normalisation clipped to +-`score_clip`, a mean-ratio threshold that
      skips a mini-batch, gradient clipping, and a non-finite guard that restores the
      last healthy snapshot of the *whole* training state and gives up after
      `max_rollbacks` (`ppo_state`).
+Departure from the study: responses shorter than `ppo.min_response_tokens`, or empty once
+decoded, get a fixed normalised score (`short_response_penalty`, kept out of the running
+statistics), as lm-human-preferences and torchtune do. Without it a policy under a
+per-token KL penalty collapses to short or empty answers whenever the reward is flat.
 Randomness is seeded per step (prompt choice, sampling, mini-batch order), so a run
 resumed from a checkpoint takes the same path as one that was never interrupted.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,37 +41,33 @@ from slmrl_ray.generation import SamplingSettings, decode_responses, generate
 from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer
 from slmrl_ray.rewards import MixedReward, build_reward
 from slmrl_ray.rl_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMoments,
     gae_advantages,
     is_finite,
     kl_penalty_rewards,
     masked_mean,
     masked_whiten,
     normalize_scores,
+    penalize_short_responses,
     policy_loss,
     value_loss,
 )
-from slmrl_ray.stages.ppo_model import PolicyWithValueHead, RewardModelCritic
+from slmrl_ray.stages.ppo_model import PolicyWithValueHead, RewardModelCritic, merge_in_fp32
 from slmrl_ray.stages.ppo_state import (
+    NonFiniteError,
+    PPODivergedError,
     PPOState,
+    append_log,
+    initial_state,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_log,
     restore,
     save_checkpoint,
     snapshot,
+    summarize_log,
 )
 from slmrl_ray.stages.sft import lora_config
-
-
-class NonFiniteError(RuntimeError):
-    """A step produced NaN/Inf (scores, log-probabilities, loss, gradients or weights)."""
-
-
-class PPODivergedError(RuntimeError):
-    """More non-finite steps than `ppo.max_rollbacks`: the run cannot be trusted."""
 
 
 class Rollout(NamedTuple):
@@ -97,7 +97,7 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(paths.sft / "model")
     base = load_causal_lm(paths.sft / "model", tokenizer, device=device)
-    dtype = ppo_dtype(count_parameters(base), device, config.ppo.fp32_below_params)
+    dtype = ppo_dtype(config.ppo.precision, count_parameters(base), device, config.ppo.fp32_below_params)
     base.to(dtype)
     # A fresh adapter (B = 0), without dropout so the importance ratios compare like with like.
     # Its A matrices and the value head start random: seeded, so a retry in a reused Ray
@@ -122,6 +122,24 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def short_responses(response_ids: torch.Tensor, response_mask: torch.Tensor, responses: list[str],
+                    eos_token_id: int, min_tokens: int) -> torch.Tensor:
+    """[B] bool: fewer than `min_tokens` tokens before EOS, or nothing but whitespace once decoded."""
+    eos = ((response_ids == eos_token_id) & (response_mask != 0)).sum(dim=1)
+    tokens = response_mask.sum(dim=1) - eos
+    empty = torch.tensor([not text.strip() for text in responses], device=tokens.device)
+    return (tokens < min_tokens) | empty
+
+
+def shaped_scores(scores: torch.Tensor, short: torch.Tensor, moments, cfg: PPOConfig) -> torch.Tensor:
+    """[B] scores as PPO uses them: running normalisation clipped to +-score_clip, then the
+    fixed penalty for short responses. Penalised scores stay out of the running statistics,
+    so a batch of collapsed answers cannot shift what "normal" means. Updates `moments`."""
+    moments.update(scores[~short].cpu())
+    normalized = normalize_scores(scores, moments, cfg.score_clip)
+    return penalize_short_responses(normalized, short, cfg.short_response_penalty)
+
+
 def collect_rollout(
     parts: PPOComponents, cfg: PPOConfig, state: PPOState, seed: int
 ) -> tuple[Rollout, dict]:
@@ -134,9 +152,12 @@ def collect_rollout(
     started = time.perf_counter()
     with torch.no_grad():
         gen = generate(parts.model.policy, parts.tokenizer, prompts, settings, cfg.max_prompt_length, parts.device)
-        empty_fraction = assert_responses_nonempty(gen.response_mask, cfg.max_empty_fraction)
+        responses = decode_responses(parts.tokenizer, gen)
+        empty_fraction = assert_responses_nonempty(responses, cfg.max_empty_fraction)
+        short = short_responses(gen.response_ids, gen.response_mask, responses,
+                                parts.tokenizer.eos_token_id, cfg.min_response_tokens)
         generated = time.perf_counter()
-        components = parts.scorer.components(prompts, decode_responses(parts.tokenizer, gen))
+        components = parts.scorer.components(prompts, responses)
         scores = parts.scorer.total(components).to(parts.device)
         scored = time.perf_counter()
         outputs = parts.model.response_outputs(*gen, temperature=cfg.temperature)
@@ -145,8 +166,7 @@ def collect_rollout(
         if not is_finite(scores, outputs.logprobs, ref.logprobs, outputs.values):
             raise NonFiniteError("non-finite scores, log-probabilities or values in the rollout")
         mask = gen.response_mask
-        state.moments.update(scores.cpu())
-        normalized = normalize_scores(scores, state.moments, cfg.score_clip)
+        normalized = shaped_scores(scores, short, state.moments, cfg)
         rewards, kl = kl_penalty_rewards(
             normalized, outputs.logprobs, ref.logprobs, mask, state.kl_controller.value
         )
@@ -163,6 +183,8 @@ def collect_rollout(
         "entropy": float(masked_mean(outputs.entropy, mask)),
         "response_length": float(mask.sum(dim=1).float().mean()),
         "empty_fraction": empty_fraction,
+        "short_fraction": float(short.float().mean()),
+        "score_std_running": state.moments.std,
         **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
         "time_generate_s": generated - started,
         "time_score_s": scored - generated,
@@ -228,12 +250,7 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
         return run_trl_rl(config, paths, report)
     cfg = config.ppo
     parts = build_components(config, paths)
-    kl_controller = (
-        AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.kl_target is not None
-        else FixedKLController(cfg.init_kl_coef)
-    )
-    state = PPOState(step=0, rollbacks=0, moments=RunningMoments(), kl_controller=kl_controller)
+    state = initial_state(cfg)
     initial = trainable_snapshot(parts.model)
     fingerprint = stage_fingerprints(config)["ppo"]
     checkpoints, log_path = paths.ppo / "checkpoints", paths.ppo / "log.jsonl"
@@ -242,7 +259,7 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
     if resume is not None:
         load_checkpoint(resume, parts.model, parts.optimizer, state)
         resumed_from = state.step
-    history = _read_log(log_path, upto=resumed_from)
+    history = read_log(log_path, upto=resumed_from)
     healthy = snapshot(parts.model, parts.optimizer, state)
     progress = tqdm(total=cfg.steps, initial=state.step, desc="ppo", unit="step")
     while state.step < cfg.steps:
@@ -261,7 +278,7 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
         state.step += 1
         record = {"step": state.step, "rollbacks": state.rollbacks, **stats}
         history.append(record)
-        _append_log(log_path, record)
+        append_log(log_path, record)
         progress.update(1)
         progress.set_postfix(reward=stats.get("reward_mean"), kl=stats.get("kl"))
         checkpoint = None
@@ -275,45 +292,20 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
 
 def _finish(config, paths, parts, state, initial, history, resumed_from) -> dict:
     largest_change = assert_changed(initial, parts.model, "PPO")
+    dtype = str(next(parts.model.parameters()).dtype).replace("torch.", "")
     value_state = parts.model.value_state()
-    merged = parts.model.policy.merge_and_unload()
+    merged = merge_in_fp32(parts.model.policy)
     assert_finite_state(merged.state_dict(), "PPO policy")
     merged.save_pretrained(paths.ppo / "model", safe_serialization=True)
     parts.tokenizer.save_pretrained(paths.ppo / "model")
     value_file = "value_head.safetensors" if parts.model.critic is None else "critic.safetensors"
     save_file(value_state, paths.ppo / value_file)
-    healthy = [h for h in history if "reward_mean" in h]
-    window = max(1, len(healthy) // 5)
     return {
         "steps": state.step,
         "rollbacks": state.rollbacks,
         "resumed_from_step": resumed_from,
-        "reward_first": _mean(h["reward_mean"] for h in healthy[:window]),
-        "reward_last": _mean(h["reward_mean"] for h in healthy[-window:]),
-        "kl_last": _mean(h["kl"] for h in healthy[-window:]),
+        **summarize_log(history),
         "kl_coef_last": float(state.kl_controller.value),
-        "response_length_last": _mean(h["response_length"] for h in healthy[-window:]),
         "lora_max_change": largest_change,
-        "dtype": str(next(parts.model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype,  # the training dtype; the saved policy is float32
     }
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _read_log(path, upto: int) -> list[dict]:
-    """The per-step log up to `upto`, rewritten so a resumed run does not repeat steps."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r["step"] <= upto]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def _append_log(path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")

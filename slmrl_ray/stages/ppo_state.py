@@ -1,4 +1,5 @@
-"""PPO training state: in-memory snapshots for rollback and on-disk checkpoints for resume.
+"""PPO training state: in-memory snapshots for rollback, on-disk checkpoints for resume,
+and the step log (`log.jsonl`) with its summary. PPO and GRPO/RLOO (`trl_rl`) both use it.
 
 The whole training state is one unit: trainable weights (LoRA + value head), optimiser
 state, running score statistics, KL controller, step and rollback counters. A rollback
@@ -20,7 +21,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slmrl_ray.rl_math import RunningMoments
+from slmrl_ray.config import PPOConfig
+from slmrl_ray.rl_math import AdaptiveKLController, FixedKLController, RunningMoments
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced NaN/Inf (scores, log-probabilities, loss, gradients or weights)."""
+
+
+class PPODivergedError(RuntimeError):
+    """More non-finite steps than `ppo.max_rollbacks`: the run cannot be trusted."""
 
 
 @dataclass
@@ -29,6 +39,16 @@ class PPOState:
     rollbacks: int
     moments: RunningMoments
     kl_controller: object  # AdaptiveKLController | FixedKLController
+
+
+def initial_state(cfg: PPOConfig) -> PPOState:
+    """Step 0: empty score statistics, the KL controller the config asks for (adaptive or fixed)."""
+    kl_controller = (
+        AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.kl_target is not None
+        else FixedKLController(cfg.init_kl_coef)
+    )
+    return PPOState(step=0, rollbacks=0, moments=RunningMoments(), kl_controller=kl_controller)
 
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState) -> dict:
@@ -129,3 +149,39 @@ def load_checkpoint(
 def prune_checkpoints(folder: Path, keep: int) -> None:
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the step log
+
+def read_log(path: Path, upto: int) -> list[dict]:
+    """The per-step log up to `upto`, rewritten so a resumed run does not repeat steps."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] <= upto]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def append_log(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def summarize_log(history: list[dict]) -> dict:
+    """The stage's training figures: means over the first and last fifth of the healthy steps."""
+    healthy = [h for h in history if "reward_mean" in h]
+    window = max(1, len(healthy) // 5)
+    first, last = healthy[:window], healthy[-window:]
+    return {
+        "reward_first": _mean(h["reward_mean"] for h in first),
+        "reward_last": _mean(h["reward_mean"] for h in last),
+        "kl_last": _mean(h["kl"] for h in last),
+        "response_length_last": _mean(h["response_length"] for h in last),
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

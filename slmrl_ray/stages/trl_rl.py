@@ -68,8 +68,15 @@ from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
 from slmrl_ray.device import ppo_dtype, resolve_device
 from slmrl_ray.models import count_parameters, load_causal_lm, load_tokenizer
 from slmrl_ray.rewards import MixedReward, build_reward
-from slmrl_ray.stages.ppo import PPODivergedError, _append_log, _mean, _read_log  # PPO's step log
-from slmrl_ray.stages.ppo_state import latest_checkpoint, prune_checkpoints
+from slmrl_ray.stages.ppo_model import merge_in_fp32
+from slmrl_ray.stages.ppo_state import (
+    PPODivergedError,
+    append_log,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_log,
+    summarize_log,
+)
 from slmrl_ray.stages.sft import lora_config
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
@@ -129,9 +136,7 @@ class TRLReward:
     def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                  scored_prompt: list[str], **kwargs) -> list[float]:
         started = time.perf_counter()
-        width = max(len(ids) for ids in completion_ids)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in completion_ids])
-        empty_fraction = assert_responses_nonempty(mask, self.max_empty_fraction)
+        empty_fraction = assert_responses_nonempty(completions, self.max_empty_fraction)
         components = self.scorer.components(scored_prompt, completions)
         scores = self.scorer.total(components)
         if not torch.isfinite(scores).all():
@@ -187,7 +192,7 @@ class StepRecorder(TrainerCallback):
         if not all(math.isfinite(record[k]) for k in ("policy_loss", "grad_norm", "entropy")):
             raise PPODivergedError(f"non-finite loss or gradient at step {record['step']} (no rollback in TRL)")
         self.history.append(record)
-        _append_log(self.paths.ppo / "log.jsonl", record)
+        append_log(self.paths.ppo / "log.jsonl", record)
         self.progress.update(1)
         self.progress.set_postfix(reward=record["reward_mean"], kl=record["kl"])
         if control.should_save:  # report once, with the checkpoint, from on_save
@@ -218,7 +223,7 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(paths.sft / "model")
     model = load_causal_lm(paths.sft / "model", tokenizer, device=device)
-    dtype = ppo_dtype(count_parameters(model), device, cfg.fp32_below_params)
+    dtype = ppo_dtype(cfg.precision, count_parameters(model), device, cfg.fp32_below_params)
     model.to(dtype)
     reward = TRLReward(build_reward(config.rewards, config, paths.reward, device, dtype), cfg.max_empty_fraction)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
@@ -226,7 +231,7 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     fingerprint = stage_fingerprints(config)["ppo"]
     resume = latest_checkpoint(paths.ppo / "checkpoints", fingerprint)
     resumed_from = json.loads((resume / "state.json").read_text())["step"] if resume is not None else 0
-    history = _read_log(paths.ppo / "log.jsonl", upto=resumed_from)
+    history = read_log(paths.ppo / "log.jsonl", upto=resumed_from)
     trainer = TRAINERS[cfg.algorithm](
         model=model,
         reward_funcs=reward,
@@ -252,22 +257,18 @@ def _finish(config, paths, trainer, tokenizer, initial, history, resumed_from, r
     cfg = config.ppo
     largest_change = assert_changed(initial, trainer.model, cfg.algorithm.upper())
     dtype = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
-    merged = trainer.model.merge_and_unload()
+    merged = merge_in_fp32(trainer.model)
     assert_finite_state(merged.state_dict(), f"{cfg.algorithm.upper()} policy")
     merged.save_pretrained(paths.ppo / "model", safe_serialization=True)
     tokenizer.save_pretrained(paths.ppo / "model")
     shutil.rmtree(paths.ppo / "trainer", ignore_errors=True)  # its checkpoints were moved out
-    window = max(1, len(history) // 5)
     return {
         "algorithm": cfg.algorithm,
         "steps": trainer.state.global_step // updates_per_rollout(cfg),
         "rollbacks": 0,
         "resumed_from_step": resumed_from,
-        "reward_first": _mean(h["reward_mean"] for h in history[:window]),
-        "reward_last": _mean(h["reward_mean"] for h in history[-window:]),
-        "kl_last": _mean(h["kl"] for h in history[-window:]),
+        **summarize_log(history),
         "kl_coef_last": cfg.init_kl_coef,
-        "response_length_last": _mean(h["response_length"] for h in history[-window:]),
         "lora_max_change": largest_change,
         "dtype": dtype,
         "train_runtime_s": float(runtime),  # this attempt's optimisation loop

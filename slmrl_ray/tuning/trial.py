@@ -161,7 +161,7 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
     from ray import tune
 
     from slmrl_ray.pipeline import run_pipeline
-    from slmrl_ray.stages.ppo import NonFiniteError, PPODivergedError
+    from slmrl_ray.stages.ppo_state import NonFiniteError, PPODivergedError
 
     context = tune.get_context()
     trial_id, cell = context.get_trial_id(), params["cell"]

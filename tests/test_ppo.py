@@ -1,0 +1,203 @@
+"""PPO's update, score shaping, dtype and rollback, each checked on numbers (tiny GPT-NeoX run)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from slmrl_ray.device import ppo_dtype
+from slmrl_ray.rl_math import RunningMoments
+from slmrl_ray.stages.ppo_state import NonFiniteError, initial_state, restore, snapshot
+
+CPU = torch.device("cpu")
+
+
+def _components(run_copy, **ppo_overrides):
+    from slmrl_ray.stages.ppo import build_components
+
+    config, paths = run_copy
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **ppo_overrides))
+    return config, build_components(config, paths)
+
+
+def _trainable(parts) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in parts.model.trainable_parameters().items()}
+
+
+# ------------------------------------------------------------------ dtype and merging
+
+
+def test_ppo_runs_in_float32_unless_bf16_is_asked_for(monkeypatch):
+    """On a device that reports bf16 support (not only on the CPU, where bf16 never triggers)."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for params in (70_000_000, 405_000_000, 1_700_000_000):  # both sides of the study's 200M line
+        assert ppo_dtype("fp32", params, cuda, 200_000_000) == torch.float32
+    assert ppo_dtype("bf16", 70_000_000, cuda, 200_000_000) == torch.bfloat16
+    assert ppo_dtype("auto", 70_000_000, cuda, 200_000_000) == torch.float32
+    assert ppo_dtype("auto", 405_000_000, cuda, 200_000_000) == torch.bfloat16
+    assert ppo_dtype("auto", 405_000_000, CPU, 200_000_000) == torch.float32  # no bf16 on the CPU
+    with pytest.raises(RuntimeError, match="does not support"):
+        ppo_dtype("bf16", 70_000_000, CPU, 200_000_000)
+
+
+def test_the_paper_preset_trains_ppo_in_float32():
+    from slmrl_ray.config import load_config
+
+    for model in ("pythia-410m", "smollm2-360m"):  # the two cells with the study's largest gains
+        assert load_config(preset="paper", overrides=[f"model={model}"]).ppo.precision == "fp32"
+
+
+def test_a_policy_trained_in_bf16_is_merged_with_its_whole_delta():
+    """W + B @ A in bf16 rounds a small delta away; the merge happens in float32."""
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmrl_ray.stages.ppo_model import PolicyWithValueHead, merge_in_fp32
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+    weight_fp32 = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    base.to(torch.bfloat16)
+    weight_bf16 = base.model.layers[0].self_attn.q_proj.weight.detach().float().clone()
+    model = PolicyWithValueHead(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0))
+    layer = model.policy.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # a trained adapter whose delta is ~0.1 % of |W|, as after a short PPO run
+        layer.lora_A["default"].weight.normal_(std=0.004)
+        layer.lora_B["default"].weight.normal_(std=0.004)
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()).detach()
+    assert float(delta.abs().mean() / weight_fp32.abs().mean()) < 3e-3
+    merged = merge_in_fp32(model.policy)
+    merged_weight = merged.model.layers[0].self_attn.q_proj.weight
+    assert merged_weight.dtype == torch.float32
+    kept = merged_weight.detach() - weight_bf16
+    torch.testing.assert_close(kept, delta, atol=1e-6, rtol=1e-4)
+    # What a bf16 merge would have kept: most of the delta rounds away.
+    rounded = (weight_bf16.to(torch.bfloat16) + delta.to(torch.bfloat16)).float() - weight_bf16
+    assert float((rounded - delta).abs().mean() / delta.abs().mean()) > 0.3
+
+
+# ------------------------------------------------------------------ short and empty answers
+
+
+def test_short_and_empty_responses_are_found_by_tokens_and_by_decoded_text():
+    from slmrl_ray.stages.ppo import short_responses
+
+    eos, pad = 2, 0
+    response_ids = torch.tensor([
+        [5, 6, 7, 8, eos],   # 4 tokens: long enough
+        [5, 6, eos, pad, pad],  # 2 tokens: short
+        [eos, pad, pad, pad, pad],  # nothing but EOS
+        [9, 9, 9, 9, 9],     # 5 tokens without EOS, but they decode to whitespace
+    ])
+    response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    texts = ["The dog ran home.", "The", "", " \n "]
+    short = short_responses(response_ids, response_mask, texts, eos, min_tokens=4)
+    assert short.tolist() == [False, True, True, True]
+    assert short_responses(response_ids, response_mask, texts, eos, min_tokens=0).tolist() == [
+        False, False, True, True]
+
+
+def test_short_responses_get_the_penalty_and_stay_out_of_the_score_statistics():
+    from slmrl_ray.config import PPOConfig
+    from slmrl_ray.stages.ppo import shaped_scores
+
+    cfg = PPOConfig(score_clip=3.0, short_response_penalty=-2.5)
+    moments = RunningMoments()
+    scores = torch.tensor([1.0, 2.0, 3.0, 50.0])  # the RM loves the empty answer (50.0)
+    short = torch.tensor([False, False, False, True])
+    shaped = shaped_scores(scores, short, moments, cfg)
+    # Statistics of [1, 2, 3] alone: mean 2, sample std 1.
+    assert (moments.mean, moments.std, moments.count) == (pytest.approx(2.0), pytest.approx(1.0), 3)
+    torch.testing.assert_close(shaped, torch.tensor([-1.0, 0.0, 1.0, -2.5]))
+    # Every response short: the statistics do not move, and every score is the penalty.
+    shaped = shaped_scores(torch.tensor([7.0, 8.0]), torch.tensor([True, True]), moments, cfg)
+    assert moments.count == 3
+    torch.testing.assert_close(shaped, torch.tensor([-2.5, -2.5]))
+
+
+# ------------------------------------------------------------------ the update
+
+
+def _rollout(parts, cfg):
+    from slmrl_ray.stages.ppo import collect_rollout
+
+    rollout, _ = collect_rollout(parts, cfg, initial_state(cfg), seed=0)
+    return rollout
+
+
+def test_a_minibatch_over_the_ratio_threshold_is_skipped(run_copy):
+    from slmrl_ray.stages.ppo import update_policy
+
+    config, parts = _components(run_copy, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1)
+    rollout = _rollout(parts, config.ppo)
+    # Old log-probabilities 3 nats below the current ones: every ratio is e^3 ~ 20 > 5.
+    stale = rollout._replace(logprobs=rollout.logprobs - 3.0 * rollout.response_mask)
+    before = _trainable(parts)
+    stats = update_policy(parts, stale, config.ppo, seed=0, step=0)
+    assert (stats["updates"], stats["skipped_minibatches"]) == (0, 2)
+    for name, value in _trainable(parts).items():
+        torch.testing.assert_close(value, before[name], msg=name)
+    # The same rollout with a threshold it stays under trains both mini-batches.
+    loose = dataclasses.replace(config.ppo, ratio_threshold=100.0)
+    stats = update_policy(parts, stale, loose, seed=0, step=0)
+    assert (stats["updates"], stats["skipped_minibatches"]) == (2, 0)
+    assert any(not torch.equal(value, before[name]) for name, value in _trainable(parts).items())
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_each_step(run_copy, monkeypatch):
+    from slmrl_ray.stages.ppo import update_policy
+
+    config, parts = _components(run_copy, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1,
+                                max_grad_norm=1e-3)
+    rollout = _rollout(parts, config.ppo)
+    params = list(parts.model.trainable_parameters().values())
+    norms_at_step, real_step = [], parts.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        norms_at_step.append(float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(parts.optimizer, "step", step_and_record)
+    stats = update_policy(parts, rollout, config.ppo, seed=0, step=0)
+    assert stats["updates"] == 2 and len(norms_at_step) == 2
+    assert stats["grad_norm"] > 10 * config.ppo.max_grad_norm  # the norm before clipping, as logged
+    assert max(norms_at_step) <= config.ppo.max_grad_norm * (1 + 1e-4)
+
+
+def test_a_nan_after_an_update_rolls_back_the_changed_weights_and_optimiser_state(run_copy, monkeypatch):
+    """The guard must restore what the failed step already changed, Adam's moments included."""
+    import slmrl_ray.stages.ppo as ppo
+
+    config, parts = _components(run_copy, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1)
+    cfg, state = config.ppo, initial_state(config.ppo)
+    ppo.ppo_step(parts, cfg, state, seed=0)  # one healthy step: Adam has state, the LoRA moved
+    state.step += 1
+    healthy = snapshot(parts.model, parts.optimizer, state)
+    healthy_weights = _trainable(parts)
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def nan_on_the_second_minibatch(params, max_norm, *args, **kwargs):
+        calls.append(1)
+        norm = real_clip(params, max_norm, *args, **kwargs)
+        return norm * float("nan") if len(calls) == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_on_the_second_minibatch)
+    with pytest.raises(NonFiniteError, match="gradient norm"):
+        ppo.ppo_step(parts, cfg, state, seed=0)
+    changed = [n for n, v in _trainable(parts).items() if not torch.equal(v, healthy_weights[n])]
+    assert changed, "the first mini-batch of the failed step should have moved the weights"
+    adam_steps = [float(s["step"]) for s in parts.optimizer.state.values()]
+    assert max(adam_steps) == 3  # two updates in step 1, one in the failed step
+
+    restore(parts.model, parts.optimizer, state, healthy)
+    for name, value in _trainable(parts).items():
+        torch.testing.assert_close(value, healthy_weights[name], rtol=0, atol=0, msg=name)
+    assert max(float(s["step"]) for s in parts.optimizer.state.values()) == 2
+    saved = healthy["optimizer"]["state"]
+    for index, param_state in parts.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(param_state["exp_avg"], saved[index]["exp_avg"], rtol=0, atol=0)
