@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = run_pipeline(config, stages=stages)
     if "eval" in results:
         print()
-        print(format_row(results_row(results["eval"])))
+        print(format_row(results_row(results["eval"], results)))
     else:
         print(json.dumps(results, indent=2))
     return 0

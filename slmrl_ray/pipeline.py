@@ -9,6 +9,7 @@ the first unfinished stage; inside PPO, from the last checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -96,15 +97,26 @@ def run_pipeline(
 ROW_TEXT_METRICS = ("distinct_1", "distinct_2", "rouge1", "rouge2", "rougeL", "bleu", "precision_4gram")
 
 
-def results_row(evaluation: dict) -> dict:
-    """The study's results-table row for one configuration, from `evaluation_results.json`."""
+# A PPO policy this far from its reference (nats per response) has left the region where its
+# reward model's scores mean anything; the adaptive controller aims at 6 (the study's target).
+CONFIRMED_MAX_KL = 20.0
+
+
+def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
+    """The study's results-table row for one configuration, from `evaluation_results.json`.
+
+    With the stages' metrics it also carries the reward model's held-out accuracy and the
+    PPO policy's final KL; `confirmed` says whether the gain is one to believe (`confirmed_gain`).
+    """
     sft, ppo = evaluation["sft"], evaluation["ppo"]
     text_metrics = {
         f"{name}_{metric}": policy[metric]
         for name, policy in (("sft", sft), ("ppo", ppo))
         for metric in ROW_TEXT_METRICS
     }
-    return {
+    judge = evaluation.get("judge")
+    stage_metrics = stage_metrics or {}
+    row = {
         "model": evaluation["model"],
         "corpus": evaluation["corpus"],
         "sft_perplexity": sft["perplexity"],
@@ -121,13 +133,33 @@ def results_row(evaluation: dict) -> dict:
             evaluation["paired_win_rate"]["ci_high"],
         ],
         **text_metrics,
+        "judge_delta": judge["delta"] if judge else None,
+        "judge_paired_win_rate": judge["paired_win_rate"]["win_rate"] if judge else None,
+        "hacking_flags": [flag.split(":")[0] for flag in evaluation.get("hacking_flags", [])],
+        "rm_accuracy": stage_metrics.get("reward", {}).get("heldout_accuracy"),
+        "kl": stage_metrics.get("ppo", {}).get("kl_last"),
     }
+    row["confirmed"] = confirmed_gain(row)
+    return row
+
+
+def confirmed_gain(row: dict) -> bool:
+    """A held-out reward gain to believe: the paired win rate's 95 % interval lies above 50 %,
+    a judge (a reward model PPO never saw) agrees, no hacking flag, and a finite, bounded KL."""
+    kl = row.get("kl")
+    return (
+        row["delta_reward"] > 0
+        and row["paired_win_rate_ci"][0] > 0.5
+        and row.get("judge_delta") is not None and row["judge_delta"] > 0
+        and not row.get("hacking_flags")
+        and kl is not None and math.isfinite(kl) and kl <= CONFIRMED_MAX_KL
+    )
 
 
 def format_row(row: dict) -> str:
-    """A markdown table with one row, in the study's column order."""
+    """A markdown table with one row, in the study's column order, then the judge and the flags."""
     header = ("model", "corpus", "SFT ppl", "PPO ppl", "SFT reward", "PPO reward", "delta",
-              "win rate", "paired win (95% CI)", "distinct-1/2", "ROUGE-L", "BLEU")
+              "win rate", "paired win (95% CI)", "distinct-1/2", "ROUGE-L", "BLEU", "judge delta", "flags")
     low, high = row["paired_win_rate_ci"]
     cells = (
         row["model"],
@@ -142,6 +174,8 @@ def format_row(row: dict) -> str:
         f"{row['ppo_distinct_1']:.3f}/{row['ppo_distinct_2']:.3f}",
         f"{row['ppo_rougeL']:.3f}",
         f"{row['ppo_bleu']:.2f}",
+        "-" if row.get("judge_delta") is None else f"{row['judge_delta']:+.3f}",
+        ", ".join(row.get("hacking_flags") or []) or "none",
     )
     return "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(cells) + " |"]

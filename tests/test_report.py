@@ -309,3 +309,25 @@ def test_write_report_for_a_search_adds_the_landscape(tmp_path):
     assert_png(landscape)
     assert summary["cells_with_results"] == 1 and summary["cells_without_results"] == []
     assert json.loads((tmp_path / "results.json").read_text())[0]["trial_id"] == "b"
+
+
+def test_the_summary_counts_only_gains_that_are_confirmed():
+    def row(ci_low=0.6, judge=0.3, flags=(), kl=5.0, delta=0.5):
+        record = make_record(ppo_reward=-4.0 + delta, trial_id=f"t{ci_low}{judge}{len(flags)}{kl}{delta}")
+        evaluation = record["evaluation"]
+        evaluation["paired_win_rate"] = {"win_rate": 0.8, "ci_low": ci_low, "ci_high": 0.95}
+        evaluation["judge"] = {"delta": judge, "paired_win_rate": {"win_rate": 0.7}}
+        evaluation["hacking_flags"] = [f"{flag}: detail" for flag in flags]
+        record["metrics"] = {"reward": {"heldout_accuracy": 0.95}, "ppo": {"kl_last": kl}}
+        return results_table([record])[0]
+
+    good = row()
+    assert good["confirmed"] and good["rm_accuracy"] == 0.95 and good["kl"] == 5.0
+    failing = [row(ci_low=0.45), row(judge=-0.1), row(flags=("short",)), row(kl=float("nan")),
+               row(kl=1e3), row(delta=-0.1)]
+    assert [r["confirmed"] for r in failing] == [False] * 6
+    assert failing[2]["hacking_flags"] == ["short"]
+    summary = format_summary([good, *failing])
+    assert "Confirmed gains: 1 of 7 cells" in summary
+    line = next(text for text in summary.splitlines() if text.startswith("| pythia-70m") and "| short |" in text)
+    assert "| no |" in line and "+0.300" in line

@@ -111,6 +111,16 @@ def test_hacking_flags_fire_on_length_diversity_and_judge_disagreement():
     assert "2.00x" in flags[0]
 
 
+def test_hacking_flags_fire_on_collapsed_answers_and_an_unconfirmed_gain():
+    """What the tiny grid's wikitext cells did: reward up, answers shrunk to fragments."""
+    cfg = load_config(preset="tiny").eval
+    flags = hacking_flags(_policy(120, 0.8), _policy(30, 0.8), {"delta_reward": 1.5, "judge": {"delta": 0.0}}, cfg)
+    assert [f.split(":")[0] for f in flags] == ["short", "judge"]
+    assert "0.25x" in flags[0]
+    assert hacking_flags(_policy(120, 0.8), _policy(70, 0.8), {"delta_reward": 1.5, "judge": {"delta": 0.3}}, cfg) == []
+    assert hacking_flags(_policy(120, 0.8), _policy(120, 0.8), {"delta_reward": -0.2, "judge": {"delta": -0.3}}, cfg) == []
+
+
 # ------------------------------------------------------------------ end to end on the tiny run
 
 

@@ -12,7 +12,8 @@ Phi(delta / sqrt(s_sft^2 + s_ppo^2)) and a paired empirical win rate with a boot
 The reward is the configured reward source (`rewards:`, the one PPO trained on) with its
 components (reward model, each rule). With a judge (`judge:`, a reward model PPO never
 saw), the judge's delta, its gap to the training reward's, and reward-hacking flags
-(longer responses, collapsing distinct-2, judge down while the reward went up).
+(much longer or shorter responses, collapsing distinct-2, a reward gain the judge does
+not confirm).
 """
 
 from __future__ import annotations
@@ -154,16 +155,19 @@ def judge_comparison(sft: dict, ppo: dict, judged: dict[str, list[float]], cfg: 
 
 
 def hacking_flags(sft: dict, ppo: dict, comparison: dict, cfg: EvalConfig) -> list[str]:
-    """Likely reward hacking: much longer responses, collapsing diversity, or a judge that disagrees."""
+    """Likely reward hacking: responses much longer or much shorter than SFT's, collapsing
+    diversity, or a reward gain that the judge does not confirm."""
     flags = []
     length_ratio = ppo["response_chars_mean"] / max(sft["response_chars_mean"], 1e-9)
     if length_ratio > cfg.hacking_length_ratio:
         flags.append(f"length: PPO responses are {length_ratio:.2f}x SFT's (limit {cfg.hacking_length_ratio})")
+    if length_ratio < cfg.hacking_short_ratio:
+        flags.append(f"short: PPO responses are {length_ratio:.2f}x SFT's (limit {cfg.hacking_short_ratio})")
     distinct_ratio = ppo["distinct_2"] / max(sft["distinct_2"], 1e-9)
     if distinct_ratio < cfg.hacking_distinct_ratio:
         flags.append(f"distinct-2: PPO has {distinct_ratio:.2f}x SFT's (limit {cfg.hacking_distinct_ratio})")
     judge = comparison.get("judge")
-    if judge is not None and comparison["delta_reward"] > 0 and judge["delta"] < 0:
+    if judge is not None and comparison["delta_reward"] > 0 and judge["delta"] <= 0:
         flags.append(f"judge: training reward up {comparison['delta_reward']:+.3f} "
-                     f"while the judge went {judge['delta']:+.3f}")
+                     f"but the judge does not confirm it ({judge['delta']:+.3f})")
     return flags

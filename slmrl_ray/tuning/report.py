@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from slmrl_ray.pipeline import results_row
+from slmrl_ray.pipeline import CONFIRMED_MAX_KL, results_row
 from slmrl_ray.tuning.storage import join_uri
 
 MODEL_ORDER = ("pythia-70m", "pythia-160m", "pythia-410m", "smollm2-135m", "smollm2-360m")
@@ -125,7 +125,8 @@ def results_table(cells: Iterable[dict]) -> list[dict]:
     rows = []
     for record in cells:
         reason = _missing_reason(record)
-        row = {"model": record["model"], "corpus": record["corpus"]} if reason else results_row(record["evaluation"])
+        row = ({"model": record["model"], "corpus": record["corpus"]} if reason
+               else results_row(record["evaluation"], record.get("metrics")))
         row.update(trial_id=record["trial_id"], params=record.get("params") or {},
                    objective=_objective(record), reason=reason)
         rows.append(row)
@@ -160,6 +161,11 @@ def _markdown_cells(row: dict, param_keys: list[str], with_objective: bool) -> l
         f"{row['ppo_distinct_1']:.3f}/{row['ppo_distinct_2']:.3f}",
         f"{row['ppo_rouge1']:.3f}/{row['ppo_rouge2']:.3f}/{row['ppo_rougeL']:.3f}",
         f"{row['ppo_bleu']:.2f}",
+        "-" if row.get("judge_delta") is None else f"{row['judge_delta']:+.3f}",
+        _format_number(row.get("rm_accuracy")),
+        _format_number(row.get("kl")),
+        ", ".join(row.get("hacking_flags") or []) or "none",
+        "yes" if row.get("confirmed") else "no",
     ]
     if with_objective:
         cells.append(_format_number(row["objective"]))
@@ -172,17 +178,27 @@ def _markdown_table(rows: list[dict]) -> str:
     with_objective = any(row.get("objective") is not None for row in rows)
     header = ["model", "corpus", "SFT ppl", "PPO ppl", "SFT reward", "PPO reward", "delta",
               "win rate", "paired win (95% CI)", "distinct-1/2 SFT", "distinct-1/2 PPO",
-              "ROUGE-1/2/L PPO", "BLEU PPO", *(["objective"] if with_objective else []), *param_keys]
+              "ROUGE-1/2/L PPO", "BLEU PPO", "judge delta", "RM acc", "KL", "flags", "confirmed",
+              *(["objective"] if with_objective else []), *param_keys]
     lines = [_table_line(header), "|" + "---|" * len(header)]
     lines += [_table_line(_markdown_cells(row, param_keys, with_objective)) for row in rows]
     return "\n".join(lines)
 
 
+def confirmed_count(rows: list[dict]) -> str:
+    """"Confirmed gains: N of M cells (...)": the cells whose gain `pipeline.confirmed_gain` believes."""
+    confirmed = sum(bool(row.get("confirmed")) for row in rows if has_results(row))
+    return (f"Confirmed gains: {confirmed} of {len(rows)} cells (held-out reward gain whose paired win "
+            f"rate's 95% CI lies above 50%, judge delta > 0, no hacking flag, KL <= {CONFIRMED_MAX_KL:g} nats).")
+
+
 def format_summary(rows: list[dict]) -> str:
-    """The markdown results table, then a "Cells without results" section if any."""
+    """The markdown results table, the confirmed-gain count, then a "Cells without results" section if any."""
     with_results = [row for row in rows if has_results(row)]
     missing = [row for row in rows if not has_results(row)]
     parts = [_markdown_table(with_results) if with_results else "No cell has results yet."]
+    if with_results:
+        parts.append(confirmed_count(rows))
     if missing:
         parts.append("## Cells without results\n\n" + "\n".join(
             f"- {row['model']} / {row['corpus']}: {row['reason']} (trial {row['trial_id']})" for row in missing
@@ -196,6 +212,8 @@ def _csv_record(row: dict, param_keys: list[str]) -> dict:
     for key, value in row.items():
         if key == "paired_win_rate_ci":
             flat["paired_win_rate_ci_low"], flat["paired_win_rate_ci_high"] = value
+        elif key == "hacking_flags":
+            flat[key] = ";".join(value)
         elif key not in ("params", "reason"):
             flat[key] = value
     return flat | {f"params.{key}": row["params"].get(key) for key in param_keys}
