@@ -54,6 +54,9 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    # "study": built by the corpus's strategy (SPEC 1.1); "empty" / "fragment": the same prompt
+    # and chosen answer against an empty or fragment rejected one (`degenerate_pairs`).
+    kind: str = "study"
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,9 @@ def _wiki_pair(docs: Sequence[Document], i: int, rng: random.Random) -> Preferen
     else:
         dropped = set(rng.sample(range(len(words)), round(0.3 * len(words))))
         rejected = " ".join(w for k, w in enumerate(words) if k not in dropped)
-    return PreferencePair(parts[0], chosen, rejected)
+    # The prompt keeps its full stop: PPO asks the policy to go on after a finished
+    # sentence, as every pair's chosen answer does (without it, it would continue mid-sentence).
+    return PreferencePair(parts[0] + ".", chosen, rejected)
 
 
 PAIR_BUILDERS = MappingProxyType(
@@ -326,6 +331,32 @@ def build_preference_pairs(corpus: str, docs: Sequence[Document], seed: int) -> 
     build, rng = PAIR_BUILDERS[corpus], random.Random(seed)
     pairs = (build(docs, i, rng) for i in range(len(docs)))
     return [pair for pair in pairs if pair is not None and keep_pair(pair)]
+
+
+def degenerate_pairs(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:
+    """Extra pairs that teach the reward model to rank empty and fragment answers low.
+
+    The study's pairs keep chosen > 20 and rejected > 10 characters, so its reward model
+    never saw an empty answer or a scrap of a sentence and scores them by accident; a
+    policy under a per-token KL penalty then drifts to them (answers like "ame."). For a
+    `fraction` of `pairs` (chosen by `seed`) this adds one pair with the same prompt and
+    chosen answer against, alternately, an empty answer or a fragment: a few characters
+    cut from the chosen answer. Call it on each side of the split separately, so no
+    prompt crosses the train/held-out line. Departure from the study, on purpose.
+    """
+    rng = random.Random(seed)
+    picked = [pair for pair in pairs if pair.kind == "study" and rng.random() < fraction]
+    extra = []
+    for index, pair in enumerate(picked):
+        if index % 2 == 0:
+            extra.append(PreferencePair(pair.prompt, pair.chosen, "", kind="empty"))
+            continue
+        width = rng.randint(3, 24)
+        start = rng.randrange(max(1, len(pair.chosen) - width))
+        fragment = pair.chosen[start : start + width].strip()
+        if fragment and fragment != pair.chosen.strip():
+            extra.append(PreferencePair(pair.prompt, pair.chosen, fragment, kind="fragment"))
+    return extra
 
 
 def ppo_prompts(pairs: Iterable[PreferencePair]) -> list[str]:

@@ -11,6 +11,7 @@ from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.data import (
     build_preference_pairs,
+    degenerate_pairs,
     eval_examples,
     load_documents,
     save_jsonl,
@@ -35,6 +36,8 @@ def run_data(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
     train_pairs, heldout_pairs = split_pairs(
         pairs, data.seed, data.pair_heldout_fraction, data.max_heldout_pairs
     )
+    train_pairs += degenerate_pairs(train_pairs, data.degenerate_pairs, data.seed)
+    heldout_pairs += degenerate_pairs(heldout_pairs, data.degenerate_pairs, data.seed + 1)
     examples = eval_examples(corpus.kind, heldout, config.eval.num_prompts, config.eval.prompt_chars)
     folder = paths.data
     save_jsonl(folder / "train.jsonl", train)
@@ -48,6 +51,7 @@ def run_data(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
         "heldout_documents": len(heldout),
         "train_pairs": len(train_pairs),
         "heldout_pairs": len(heldout_pairs),
+        "degenerate_train_pairs": sum(p.kind != "study" for p in train_pairs),
         "eval_examples": len(examples),
     }
     report({f"data/{k}": v for k, v in metrics.items()})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 
+import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import RewardConfig as TRLRewardConfig
@@ -85,15 +86,22 @@ def build_reward_trainer(
 
 
 def pairwise_accuracy(scorer: RewardScorer, pairs: list[PreferencePair]) -> dict:
+    """Held-out accuracy and mean margin on the study's pairs, and apart on the degenerate ones
+    (empty and fragment answers: easy, so they would flatter the study's figure)."""
     prompts = [p.prompt for p in pairs]
     chosen = scorer.score(prompts, [p.chosen for p in pairs])
     rejected = scorer.score(prompts, [p.rejected for p in pairs])
     margin = chosen - rejected
-    return {
-        "heldout_accuracy": float((margin > 0).float().mean()),
-        "heldout_margin": float(margin.mean()),
-        "heldout_pairs": len(pairs),
+    study = torch.tensor([p.kind == "study" for p in pairs], dtype=torch.bool)
+    metrics = {
+        "heldout_accuracy": float((margin[study] > 0).float().mean()),
+        "heldout_margin": float(margin[study].mean()),
+        "heldout_pairs": int(study.sum()),
     }
+    if (~study).any():
+        metrics["heldout_degenerate_accuracy"] = float((margin[~study] > 0).float().mean())
+        metrics["heldout_degenerate_pairs"] = int((~study).sum())
+    return metrics
 
 
 def train_one(config: PipelineConfig, paths: RunPaths, pairs: list[PreferencePair], name: str) -> dict:
