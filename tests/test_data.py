@@ -249,7 +249,7 @@ def test_story_pair_needs_three_sentences():
 
 def test_wiki_pair_strategy():
     (pair,) = data.build_preference_pairs("wikitext", [WIKI], seed=0)
-    assert pair.prompt == "The Arlen River is a river in the north of Westmark"
+    assert pair.prompt == "The Arlen River is a river in the north of Westmark."  # a finished sentence
     assert pair.chosen == ("It rises in the Grey Hills and flows east for about 40 kilometres. "
                            "Its waters were used to drive mills in the 18th century.")
     words, kept = pair.chosen.split(), pair.rejected.split()
@@ -261,7 +261,7 @@ def test_wiki_pair_strategy():
 def test_wiki_pair_short_continuation_is_cut_in_half():
     doc = Document("Short opening sentence here. Then eight more words follow in this line.")
     pairs = data.build_preference_pairs("wikitext", [doc], seed=0)
-    assert pairs == [PreferencePair("Short opening sentence here",
+    assert pairs == [PreferencePair("Short opening sentence here.",
                                     "Then eight more words follow in this line.",
                                     "Then eight more words")]
 
@@ -321,3 +321,22 @@ def test_jsonl_round_trip(tmp_path):
     docs = [Document("a", None), Document("b", "c")]
     data.save_jsonl(tmp_path / "docs.jsonl", docs)
     assert data.load_jsonl(str(tmp_path / "docs.jsonl"), Document) == docs
+
+
+def test_degenerate_pairs_put_empty_and_fragment_answers_below_the_chosen_one():
+    docs = generate_documents("wikitext", 200, seed=3)
+    pairs = data.build_preference_pairs("wikitext", docs, seed=3)
+    extra = data.degenerate_pairs(pairs, fraction=0.5, seed=7)
+    assert 0.35 * len(pairs) < len(extra) < 0.65 * len(pairs)
+    kinds = [p.kind for p in extra]
+    assert kinds.count("empty") >= kinds.count("fragment") > 0.8 * kinds.count("empty")
+    sources = {(p.prompt, p.chosen) for p in pairs}
+    for pair in extra:
+        assert (pair.prompt, pair.chosen) in sources
+        if pair.kind == "empty":
+            assert pair.rejected == ""
+        else:
+            assert 0 < len(pair.rejected) <= 24 and pair.rejected in pair.chosen
+    assert data.degenerate_pairs(pairs, fraction=0.5, seed=7) == extra  # seeded
+    assert data.degenerate_pairs(pairs, fraction=0.0, seed=7) == []
+    assert data.degenerate_pairs(extra, fraction=1.0, seed=7) == []  # only study pairs get one
