@@ -343,7 +343,7 @@ class PipelineConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     output_dir: str = "runs"
-    cache_dir: str | None = None  # tiny-model cache; default ~/.cache/slmrl_ray
+    cache_dir: str | None = None  # tiny models and GGUF snapshots; default ~/.cache/slmrl_ray
 
     def __post_init__(self) -> None:
         if self.model not in self.models:
