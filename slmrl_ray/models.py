@@ -1,8 +1,8 @@
 """Load base models, tokenizers and reward models through the real `from_pretrained` path.
 
 A model is a hub id or a local folder (a hub snapshot, or a folder this project wrote:
-the tiny preset saves its models and tokenizer the same way and loads them back
-through these functions). Loading is safe by default: `trust_remote_code=False` and
+the tiny preset and the GGUF conversion save their models and tokenizers the same way
+and load them back through these functions). Loading is safe by default: `trust_remote_code=False` and
 safetensors only.
 
 The tokenizer always has a pad token distinct from EOS (SPEC 1.5: with pad == EOS the
@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from slmrl_ray.config import ModelConfig
+from slmrl_ray.gguf_source import gguf_path, gguf_snapshot_dir
 
 PAD_TOKEN = "<|pad|>"
 
@@ -125,11 +126,16 @@ def load_external_reward_model(
 
 
 def base_model_path(model: ModelConfig, cache_dir: str | None = None) -> str:
-    """The hub id or folder to load a base model from; builds (once) a tiny model if configured."""
+    """The hub id or folder to load a base model from; builds (once) a tiny model, or the
+    snapshot of a GGUF file, if configured."""
+    cache = Path(cache_dir) if cache_dir else None
     if model.tiny is not None:
         from slmrl_ray.tiny import tiny_model_dir  # builds only when the tiny preset asks
 
-        return str(tiny_model_dir(model.family, model.tiny, Path(cache_dir) if cache_dir else None))
+        return str(tiny_model_dir(model.family, model.tiny, cache))
+    gguf = gguf_path(model.name_or_path, model.gguf_file)
+    if gguf is not None:
+        return str(gguf_snapshot_dir(gguf, cache))
     return model.name_or_path
 
 

@@ -164,7 +164,7 @@ def test_unknown_key_inside_models_entry(tmp_path):
     message = file_error(tmp_path, "extends: tiny\nmodels:\n  pythia-70m: {lora_rank: 4}\n")
     assert message == (
         "models.pythia-70m.lora_rank: unknown key "
-        "(known keys: family, lora_r, name_or_path, revision, tiny)"
+        "(known keys: family, gguf_file, lora_r, name_or_path, revision, tiny)"
     )
 
 
