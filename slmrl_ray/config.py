@@ -129,8 +129,9 @@ class DataConfig:
     max_heldout: int = 500
     pair_heldout_fraction: float = 0.05
     max_heldout_pairs: int = 300
-    # Share of pairs that get an extra pair against an empty or fragment answer (data.degenerate_pairs).
-    degenerate_pairs: float = 0.2
+    # Share of pairs that get an extra pair against an empty, fragment or padded answer
+    # (data.degenerate_pairs: what the study's pairs never show a reward model).
+    degenerate_pairs: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -303,9 +304,13 @@ class PPOConfig:
     max_empty_fraction: float = 0.5  # a rollout with more empty responses (decoded text) stops the stage
     # A response with fewer tokens than this (EOS not counted), or empty once decoded, gets
     # `short_response_penalty` as its normalised score, outside the running statistics
-    # (lm-human-preferences' penalty_reward_value, torchtune's reward_penalty). 0 turns it off.
+    # (lm-human-preferences' penalty_reward_value, torchtune's reward_penalty). 0: empty ones only.
     min_response_tokens: int = 4
     short_response_penalty: float = -3.0
+    # Subtracted from the normalised score of a response that hit max_new_tokens without EOS
+    # (TRL's missing_eos_penalty): a reward model that learned "longer is better" otherwise
+    # teaches the policy to stop ending its answers. 0: off (the study's recipe).
+    missing_eos_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm != "ppo" and self.rollout_batch_size % self.num_generations:

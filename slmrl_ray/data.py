@@ -333,29 +333,39 @@ def build_preference_pairs(corpus: str, docs: Sequence[Document], seed: int) -> 
     return [pair for pair in pairs if pair is not None and keep_pair(pair)]
 
 
+DEGENERATE_KINDS = ("empty", "fragment", "padded")
+
+
 def degenerate_pairs(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:
-    """Extra pairs that teach the reward model to rank empty and fragment answers low.
+    """Extra pairs that teach the reward model what the study's pairs never show it.
 
     The study's pairs keep chosen > 20 and rejected > 10 characters, so its reward model
-    never saw an empty answer or a scrap of a sentence and scores them by accident; a
-    policy under a per-token KL penalty then drifts to them (answers like "ame."). For a
-    `fraction` of `pairs` (chosen by `seed`) this adds one pair with the same prompt and
-    chosen answer against, alternately, an empty answer or a fragment: a few characters
-    cut from the chosen answer. Call it on each side of the split separately, so no
-    prompt crosses the train/held-out line. Departure from the study, on purpose.
+    never saw an empty answer or a scrap of a sentence and scores them by accident (a policy
+    under a per-token KL penalty then drifts to them: answers like "ame."); and its rejected
+    answers are mostly shorter than the chosen ones (half the story, 30 % of the words
+    dropped), so it learns that longer is better (a policy then stops ending its answers).
+    For a `fraction` of `pairs` (chosen by `seed`) this adds one pair with the same prompt
+    and chosen answer against, in turn: an empty answer; a fragment, a few characters cut
+    from the chosen answer; or the chosen answer padded with the start of another pair's
+    (longer, and worse). Call it on each side of the split separately, so no prompt crosses
+    the train/held-out line. Departure from the study, on purpose.
     """
     rng = random.Random(seed)
     picked = [pair for pair in pairs if pair.kind == "study" and rng.random() < fraction]
     extra = []
     for index, pair in enumerate(picked):
-        if index % 2 == 0:
-            extra.append(PreferencePair(pair.prompt, pair.chosen, "", kind="empty"))
-            continue
-        width = rng.randint(3, 24)
-        start = rng.randrange(max(1, len(pair.chosen) - width))
-        fragment = pair.chosen[start : start + width].strip()
-        if fragment and fragment != pair.chosen.strip():
-            extra.append(PreferencePair(pair.prompt, pair.chosen, fragment, kind="fragment"))
+        kind = DEGENERATE_KINDS[index % len(DEGENERATE_KINDS)]
+        if kind == "empty":
+            rejected = ""
+        elif kind == "fragment":
+            width = rng.randint(3, 24)
+            start = rng.randrange(max(1, len(pair.chosen) - width))
+            rejected = pair.chosen[start : start + width].strip()
+        else:
+            other = rng.choice(pairs).chosen
+            rejected = pair.chosen + " " + other[: max(20, len(pair.chosen) // 2)].rsplit(" ", 1)[0]
+        if rejected.strip() != pair.chosen.strip() and (kind == "empty" or rejected.strip()):
+            extra.append(PreferencePair(pair.prompt, pair.chosen, rejected, kind=kind))
     return extra
 
 

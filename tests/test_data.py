@@ -330,13 +330,16 @@ def test_degenerate_pairs_put_empty_and_fragment_answers_below_the_chosen_one():
     assert 0.35 * len(pairs) < len(extra) < 0.65 * len(pairs)
     kinds = [p.kind for p in extra]
     assert kinds.count("empty") >= kinds.count("fragment") > 0.8 * kinds.count("empty")
+    assert kinds.count("empty") >= kinds.count("padded") > 0.8 * kinds.count("empty")
     sources = {(p.prompt, p.chosen) for p in pairs}
     for pair in extra:
         assert (pair.prompt, pair.chosen) in sources
         if pair.kind == "empty":
             assert pair.rejected == ""
-        else:
+        elif pair.kind == "fragment":
             assert 0 < len(pair.rejected) <= 24 and pair.rejected in pair.chosen
+        else:  # padded: the chosen answer, then the start of another pair's, so longer
+            assert pair.rejected.startswith(pair.chosen + " ") and len(pair.rejected) > len(pair.chosen) + 10
     assert data.degenerate_pairs(pairs, fraction=0.5, seed=7) == extra  # seeded
     assert data.degenerate_pairs(pairs, fraction=0.0, seed=7) == []
     assert data.degenerate_pairs(extra, fraction=1.0, seed=7) == []  # only study pairs get one

@@ -84,7 +84,7 @@ def test_a_policy_trained_in_bf16_is_merged_with_its_whole_delta():
 
 
 def test_short_and_empty_responses_are_found_by_tokens_and_by_decoded_text():
-    from slmrl_ray.stages.ppo import short_responses
+    from slmrl_ray.stages.ppo import ended_with_eos, short_responses
 
     eos, pad = 2, 0
     response_ids = torch.tensor([
@@ -95,26 +95,29 @@ def test_short_and_empty_responses_are_found_by_tokens_and_by_decoded_text():
     ])
     response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     texts = ["The dog ran home.", "The", "", " \n "]
-    short = short_responses(response_ids, response_mask, texts, eos, min_tokens=4)
+    ended = ended_with_eos(response_ids, response_mask, eos)
+    assert ended.tolist() == [True, True, True, False]
+    short = short_responses(response_mask, ended, texts, min_tokens=4)
     assert short.tolist() == [False, True, True, True]
-    assert short_responses(response_ids, response_mask, texts, eos, min_tokens=0).tolist() == [
-        False, False, True, True]
+    assert short_responses(response_mask, ended, texts, min_tokens=0).tolist() == [False, False, True, True]
 
 
 def test_short_responses_get_the_penalty_and_stay_out_of_the_score_statistics():
     from slmrl_ray.config import PPOConfig
     from slmrl_ray.stages.ppo import shaped_scores
 
-    cfg = PPOConfig(score_clip=3.0, short_response_penalty=-2.5)
+    cfg = PPOConfig(score_clip=3.0, short_response_penalty=-2.5, missing_eos_penalty=0.75)
     moments = RunningMoments()
     scores = torch.tensor([1.0, 2.0, 3.0, 50.0])  # the RM loves the empty answer (50.0)
     short = torch.tensor([False, False, False, True])
-    shaped = shaped_scores(scores, short, moments, cfg)
+    unfinished = torch.tensor([False, False, True, False])  # the third hit max_new_tokens
+    shaped = shaped_scores(scores, short, unfinished, moments, cfg)
     # Statistics of [1, 2, 3] alone: mean 2, sample std 1.
     assert (moments.mean, moments.std, moments.count) == (pytest.approx(2.0), pytest.approx(1.0), 3)
-    torch.testing.assert_close(shaped, torch.tensor([-1.0, 0.0, 1.0, -2.5]))
+    torch.testing.assert_close(shaped, torch.tensor([-1.0, 0.0, 1.0 - 0.75, -2.5]))
     # Every response short: the statistics do not move, and every score is the penalty.
-    shaped = shaped_scores(torch.tensor([7.0, 8.0]), torch.tensor([True, True]), moments, cfg)
+    shaped = shaped_scores(torch.tensor([7.0, 8.0]), torch.tensor([True, True]), torch.tensor([True, False]),
+                           moments, cfg)
     assert moments.count == 3
     torch.testing.assert_close(shaped, torch.tensor([-2.5, -2.5]))
 

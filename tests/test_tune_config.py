@@ -56,7 +56,8 @@ def test_grid_defaults_to_all_fifteen_cells_in_the_study_order():
     assert len(experiment.cells) == 15
     assert experiment.cells[0] == "pythia-70m/tinystories"
     # The tune config's overrides reach every cell's pipeline config.
-    assert experiment.cell_config("smollm2-360m/wikitext").ppo.steps == 8
+    assert experiment.cell_config("smollm2-360m/wikitext").ppo.steps == 24
+    assert experiment.cell_config("smollm2-360m/cnn_dailymail").reward.max_steps == 150  # its corpus_overrides
 
 
 def test_sampled_values_become_pipeline_overrides(tmp_path):
@@ -67,9 +68,22 @@ def test_sampled_values_become_pipeline_overrides(tmp_path):
     assert config.ppo.init_kl_coef == 0.123 and config.ppo.learning_rate == 1.5e-05
 
 
+def test_corpus_overrides_apply_to_that_corpus_only_after_the_common_ones(tmp_path):
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\npipeline: {preset: tiny, overrides: [reward.max_steps=40, ppo.steps=7],\n"
+        "  corpus_overrides: {cnn_dailymail: [reward.max_steps=300]}}\n")))
+    cnn = experiment.cell_config("pythia-70m/cnn_dailymail")
+    stories = experiment.cell_config("pythia-70m/tinystories")
+    assert (cnn.reward.max_steps, cnn.ppo.steps) == (300, 7)
+    assert (stories.reward.max_steps, stories.ppo.steps) == (40, 7)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
+        ("name: x\npipeline: {corpus_overrides: {imagenet: [ppo.steps=3]}}\n",
+         "pipeline.corpus_overrides.imagenet: unknown corpus"),
+        ("name: x\npipeline: {corpus_overrides: {wikitext: [ppo.stepz=3]}}\n", "ppo.stepz: unknown key"),
         ("name: x\nresources: {cpus: 2}\n", "resources.cpus: unknown key"),
         ("name: x\nsearch: {kl_coef: {low: 0.2, high: 0.1}}\n", "search.kl_coef: a range needs"),
         ("name: x\nsearch: {objective: {kind: best}}\n", "search.objective.kind"),

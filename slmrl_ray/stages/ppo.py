@@ -122,21 +122,28 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def short_responses(response_ids: torch.Tensor, response_mask: torch.Tensor, responses: list[str],
-                    eos_token_id: int, min_tokens: int) -> torch.Tensor:
+def ended_with_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """[B] bool: the response stopped at EOS (False: it ran into max_new_tokens)."""
+    return ((response_ids == eos_token_id) & (response_mask != 0)).any(dim=1)
+
+
+def short_responses(response_mask: torch.Tensor, ended: torch.Tensor, responses: list[str],
+                    min_tokens: int) -> torch.Tensor:
     """[B] bool: fewer than `min_tokens` tokens before EOS, or nothing but whitespace once decoded."""
-    eos = ((response_ids == eos_token_id) & (response_mask != 0)).sum(dim=1)
-    tokens = response_mask.sum(dim=1) - eos
+    tokens = response_mask.sum(dim=1) - ended.long()
     empty = torch.tensor([not text.strip() for text in responses], device=tokens.device)
     return (tokens < min_tokens) | empty
 
 
-def shaped_scores(scores: torch.Tensor, short: torch.Tensor, moments, cfg: PPOConfig) -> torch.Tensor:
-    """[B] scores as PPO uses them: running normalisation clipped to +-score_clip, then the
-    fixed penalty for short responses. Penalised scores stay out of the running statistics,
-    so a batch of collapsed answers cannot shift what "normal" means. Updates `moments`."""
+def shaped_scores(scores: torch.Tensor, short: torch.Tensor, unfinished: torch.Tensor, moments,
+                  cfg: PPOConfig) -> torch.Tensor:
+    """[B] scores as PPO uses them: running normalisation clipped to +-score_clip, minus
+    `missing_eos_penalty` where the response never ended, then the fixed penalty for short
+    responses. Short responses stay out of the running statistics, so a batch of collapsed
+    answers cannot shift what "normal" means. Updates `moments`."""
     moments.update(scores[~short].cpu())
     normalized = normalize_scores(scores, moments, cfg.score_clip)
+    normalized = normalized - cfg.missing_eos_penalty * unfinished.to(normalized.dtype)
     return penalize_short_responses(normalized, short, cfg.short_response_penalty)
 
 
@@ -154,8 +161,8 @@ def collect_rollout(
         gen = generate(parts.model.policy, parts.tokenizer, prompts, settings, cfg.max_prompt_length, parts.device)
         responses = decode_responses(parts.tokenizer, gen)
         empty_fraction = assert_responses_nonempty(responses, cfg.max_empty_fraction)
-        short = short_responses(gen.response_ids, gen.response_mask, responses,
-                                parts.tokenizer.eos_token_id, cfg.min_response_tokens)
+        ended = ended_with_eos(gen.response_ids, gen.response_mask, parts.tokenizer.eos_token_id)
+        short = short_responses(gen.response_mask, ended, responses, cfg.min_response_tokens)
         generated = time.perf_counter()
         components = parts.scorer.components(prompts, responses)
         scores = parts.scorer.total(components).to(parts.device)
@@ -166,7 +173,7 @@ def collect_rollout(
         if not is_finite(scores, outputs.logprobs, ref.logprobs, outputs.values):
             raise NonFiniteError("non-finite scores, log-probabilities or values in the rollout")
         mask = gen.response_mask
-        normalized = shaped_scores(scores, short, state.moments, cfg)
+        normalized = shaped_scores(scores, short, ~ended, state.moments, cfg)
         rewards, kl = kl_penalty_rewards(
             normalized, outputs.logprobs, ref.logprobs, mask, state.kl_controller.value
         )
@@ -184,6 +191,7 @@ def collect_rollout(
         "response_length": float(mask.sum(dim=1).float().mean()),
         "empty_fraction": empty_fraction,
         "short_fraction": float(short.float().mean()),
+        "unfinished_fraction": float((~ended).float().mean()),
         "score_std_running": state.moments.std,
         **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
         "time_generate_s": generated - started,

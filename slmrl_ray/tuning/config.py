@@ -43,6 +43,9 @@ class PipelineSource:
     preset: str | None = "tiny"  # a shipped preset, or
     config: str | None = None  # a pipeline config file (relative to the tune config)
     overrides: tuple[str, ...] = ()  # `a.b.c=value`, applied to every cell
+    # corpus key -> `a.b.c=value`s applied after `overrides` to that corpus's cells (budgets
+    # that one corpus needs, e.g. a longer reward-model run for CNN/DailyMail's longer texts)
+    corpus_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,8 @@ class TuneExperiment:
                     output_dir: str | None = None) -> PipelineConfig:
         """The one place where a cell and a trial's sampled (or grid) values become a pipeline config."""
         model, corpus = cell.split("/")
-        overrides = [*self.config.pipeline.overrides, f"model={model}", f"corpus={corpus}"]
+        source = self.config.pipeline
+        overrides = [*source.overrides, *source.corpus_overrides.get(corpus, ()), f"model={model}", f"corpus={corpus}"]
         overrides += [f"{key}={json.dumps(value)}" for key, value in (sampled or {}).items()]
         if output_dir is not None:
             overrides.append(f"output_dir={output_dir}")
@@ -218,6 +222,9 @@ def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str 
     if cfg.search is not None and cfg.search.objective.score == "judge" and default.judge.source == "none":
         raise ConfigError("search.objective.score: `judge` needs a judge in the pipeline config "
                           "(judge.source: split or external)")
+    for corpus in cfg.pipeline.corpus_overrides:
+        if corpus not in default.corpora:
+            raise ConfigError(f"pipeline.corpus_overrides.{corpus}: unknown corpus (known: {', '.join(default.corpora)})")
     experiment = TuneExperiment(cfg, data, base, _cells(cfg, default), source)
     for cell in experiment.cells:
         if cell.count("/") != 1:
