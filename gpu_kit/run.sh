@@ -82,8 +82,8 @@ if [ $install = 1 ] && [ -d "$WHEELS" ]; then
         esac
     done
     echo "kit: installing ${#wheels[@]} wheels into $KIT_SITE"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$KIT_SITE" \
-        "${wheels[@]}" || { echo "kit: wheel install failed"; exit 3; }
+    [ ${#wheels[@]} = 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$KIT_SITE" "${wheels[@]}" || { echo "kit: wheel install failed"; exit 3; }
     export PYTHONPATH=$ROOT:$KIT_SITE${PYTHONPATH:+:$PYTHONPATH}
 else
     [ $install = 1 ] && echo "kit: no wheel folder $WHEELS: using the installed packages"
