@@ -213,14 +213,38 @@ def project_grid(rates_by_model: dict[str, dict], recipe: PipelineConfig,
     }
 
 
+def model_row(key: str, stages: dict, folder: Path, config: PipelineConfig, peak: float | None) -> dict:
+    """One model's figures from its `bench stages` result; `folder` holds its config.json (for
+    the parameter count and SFT FLOPs). MFU only for bf16 SFT with a known peak."""
+    from transformers import AutoConfig
+
+    from slmrl_ray.device import resolve_device, training_precision
+
+    rates = measured_rates(stages["rows"])
+    parameters, flops_per_token = shape_costs(AutoConfig.from_pretrained(folder), config.sft.max_length)
+    bf16 = training_precision(config.sft.precision, resolve_device(config.device)) == "bf16"
+    stage = {row["stage"]: row for row in stages["rows"]}
+    return {
+        "model": key,
+        "params_m": parameters / 1e6,
+        "sft_tokens_per_s": rates["sft_tokens_per_s"],
+        "sft_tflops": flops_per_token * rates["sft_tokens_per_s"] / 1e12,
+        "sft_mfu": flops_per_token * rates["sft_tokens_per_s"] / peak if peak and bf16 else None,
+        "rm_pairs_per_s": stage["reward"]["throughput"],
+        "ppo_step_s": stage["ppo"]["step_s"],
+        "ppo_generate_s": stage["ppo"]["generate_s"],
+        "ppo_update_s": stage["ppo"]["update_s"],
+        "rollout_tokens_per_s": stage["ppo"]["throughput"],
+        "eval_s_per_prompt": rates["eval_s_per_prompt"],
+        "peak_mb": stages["peak_memory"].get("cuda_allocated_mb", stages["peak_memory"]["process_rss_mb"]),
+    }
+
+
 def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: float | None = None,
                  cache_dir: Path | None = None) -> dict:
     """Measure each full-size model's stages, then project the paper grid from the rates."""
-    from transformers import AutoConfig
-
     from slmrl_ray.bench import bench_stages, machine
     from slmrl_ray.config import load_config, to_dict
-    from slmrl_ray.device import resolve_device, training_precision
     from slmrl_ray.tiny import default_cache_dir
 
     cache_dir = cache_dir or default_cache_dir()
@@ -234,24 +258,8 @@ def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: floa
             torch.cuda.reset_peak_memory_stats()
         stages = bench_stages(config)
         stage_rows[key] = stages["rows"]
-        rates = rates_by_model[key] = measured_rates(stages["rows"])
-        parameters, flops_per_token = shape_costs(AutoConfig.from_pretrained(folder), config.sft.max_length)
-        bf16 = training_precision(config.sft.precision, resolve_device(config.device)) == "bf16"
-        stage = {row["stage"]: row for row in stages["rows"]}
-        rows.append({
-            "model": key,
-            "params_m": parameters / 1e6,
-            "sft_tokens_per_s": rates["sft_tokens_per_s"],
-            "sft_tflops": flops_per_token * rates["sft_tokens_per_s"] / 1e12,
-            "sft_mfu": flops_per_token * rates["sft_tokens_per_s"] / peak if peak and bf16 else None,
-            "rm_pairs_per_s": stage["reward"]["throughput"],
-            "ppo_step_s": stage["ppo"]["step_s"],
-            "ppo_generate_s": stage["ppo"]["generate_s"],
-            "ppo_update_s": stage["ppo"]["update_s"],
-            "rollout_tokens_per_s": stage["ppo"]["throughput"],
-            "eval_s_per_prompt": rates["eval_s_per_prompt"],
-            "peak_mb": stages["peak_memory"].get("cuda_allocated_mb", stages["peak_memory"]["process_rss_mb"]),
-        })
+        rates_by_model[key] = measured_rates(stages["rows"])
+        rows.append(model_row(key, stages, folder, config, peak))
     projection = project_grid(rates_by_model, load_config(preset="paper"))
     return {"rows": rows, "projection": projection, "peak_flops": peak, "rates": rates_by_model,
             "stages": stage_rows, "shapes_settings": settings}
