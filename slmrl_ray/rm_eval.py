@@ -96,7 +96,12 @@ def _read_rows(path: Path) -> list[dict]:
 
 def load_preferences(source: str, name: str | None = None, split: str = "filtered", subset_column: str = "subset",
                      max_per_subset: int | None = None, default_subset: str | None = None) -> PreferenceSet:
-    """Rows with prompt, chosen, rejected and `subset_column` (or `default_subset` for every row)."""
+    """Rows with prompt, chosen, rejected and `subset_column` (or `default_subset` for every row).
+
+    With `default_subset` (a pipeline run's own pairs) only the study's pairs count, as in the
+    reward stage's `heldout_accuracy`: the degenerate ones (`kind` empty/fragment/padded) are
+    easy and would flatter the figure.
+    """
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
@@ -119,6 +124,8 @@ def load_preferences(source: str, name: str | None = None, split: str = "filtere
     taken: dict[str, int] = {}
     prefs = PreferenceSet([], [], [], [])
     for index, row in enumerate(rows):
+        if default_subset is not None and row.get("kind", "study") != "study":
+            continue  # a run's empty/fragment/padded pairs: the reward stage reports them apart
         subset = default_subset or str(row.get(subset_column))
         if max_per_subset is not None and taken.get(subset, 0) >= max_per_subset:
             continue
