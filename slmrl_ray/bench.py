@@ -38,6 +38,7 @@ from pathlib import Path
 
 from slmrl_ray.artifacts import RunPaths, read_json
 from slmrl_ray.config import PipelineConfig
+from slmrl_ray.stages.ppo_state import initial_state, load_log, log_path
 
 
 def machine() -> dict:
@@ -80,7 +81,7 @@ def bench_stages(config: PipelineConfig) -> dict:
         results = run_pipeline(config, log=lambda line: None)
         paths = RunPaths.for_config(config)
         wall = {stage: read_json(paths.stage(stage) / "stage.json")["wall_time_s"] for stage in results}
-        log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+        log = load_log(log_path(paths.ppo))
         tokens_per_pair, prompt_tokens = _data_lengths(config, paths)
     sft, rm, ppo = config.sft, config.reward, config.ppo
     sft_tokens = results["sft"]["steps"] * sft.batch_size * sft.grad_accum * sft.max_length  # packed: full blocks
@@ -131,7 +132,6 @@ def bench_rollout(config: PipelineConfig, repeats: int = 5) -> dict:
     from slmrl_ray.generation import encode_prompts
     from slmrl_ray.pipeline import run_pipeline
     from slmrl_ray.stages.ppo import build_components, collect_rollout, step_seed
-    from slmrl_ray.stages.ppo_state import initial_state
 
     cfg = config.ppo
     with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
@@ -166,7 +166,7 @@ def bench_rl(config: PipelineConfig, repeats: int = 3) -> dict:
     import shutil
 
     from slmrl_ray.pipeline import run_pipeline
-    from slmrl_ray.stages.ppo import run_ppo
+    from slmrl_ray.stages.rl import run_rl
 
     steps = repeats + 2  # a warm-up step, `repeats` timed steps, and the final (checkpointing) step
     rows = []
@@ -182,8 +182,8 @@ def bench_rl(config: PipelineConfig, repeats: int = 3) -> dict:
                 if "ppo/step" in metrics:
                     reported.append(time.perf_counter())
 
-            metrics = run_ppo(dataclasses.replace(config, ppo=ppo), paths, report=clock)
-            log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+            metrics = run_rl(dataclasses.replace(config, ppo=ppo), paths, report=clock)
+            log = load_log(log_path(paths.ppo))
             shutil.rmtree(paths.ppo)
             step_s = [b - a for a, b in zip(reported[: repeats], reported[1 : repeats + 1])]
             timed = log[1 : repeats + 1]
