@@ -219,7 +219,7 @@ def bench_tune(uris: list[str]) -> dict:
     one's speed-up over the first (the same grid at other resources: packing fractional GPUs)."""
     from slmrl_ray.tuning.config import ExperimentError
     from slmrl_ray.tuning.experiment import load_records
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     rows = []
     for uri in uris:

@@ -112,7 +112,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from slmrl_ray.tuning.experiment import MANIFEST, write_report
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     root = Storage.from_uri(args.uri)
     if not root.child(MANIFEST).is_file():

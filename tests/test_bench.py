@@ -9,7 +9,7 @@ import math
 import pytest
 
 from slmrl_ray.cli import main
-from slmrl_ray.tuning.storage import Storage
+from slmrl_ray.storage import Storage
 
 TINY = ["--preset", "tiny", "--model", "pythia-70m", "--corpus", "tinystories", "data.num_documents=300",
         "sft.max_steps=4", "reward.max_steps=4", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=8",

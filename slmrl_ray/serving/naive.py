@@ -37,7 +37,7 @@ class _Rewards(BaseModel):
 
 
 def _served(stage_uri: str, stage: str) -> ServedModel:
-    from slmrl_ray.tuning.storage import join_uri
+    from slmrl_ray.storage import join_uri
 
     return ServedModel(f"{stage}/naive", stage, "naive", join_uri(stage_uri, "model"), stage_uri, "unknown")
 

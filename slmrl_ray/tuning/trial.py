@@ -36,8 +36,8 @@ from slmrl_ray.stages.ppo_state import (
     load_log,
     log_path,
 )
+from slmrl_ray.storage import ArtifactStore, Storage
 from slmrl_ray.tuning.config import Objective, TuneExperiment
-from slmrl_ray.tuning.storage import ArtifactStore, Storage
 
 
 class InjectedFault(RuntimeError):

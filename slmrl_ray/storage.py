@@ -150,6 +150,12 @@ class Storage:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def artifacts_storage(root: Storage, artifacts_path: str | None) -> Storage:
+    """Where an experiment at `root` keeps its finished stages: `artifacts_path` (a tune config's,
+    to share them between experiments) or `<root>/artifacts`."""
+    return Storage.from_uri(artifacts_path) if artifacts_path else root.child("artifacts")
+
+
 class ArtifactStore:
     """Finished stage folders in storage, keyed by fingerprint; see the module docstring."""
 
