@@ -149,6 +149,7 @@ class TuneReporter:
 def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
                stages: tuple[str, ...], storage_uri: str, artifacts_uri: str) -> None:
     """The Tune function trainable: `params` holds the cell and, in a search, the sampled values."""
+    import ray
     import torch
     from ray import tune
 
@@ -162,7 +163,7 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
     config = experiment.cell_config(cell, sampled, output_dir=str(scratch))
     paths = RunPaths.for_config(config)
     paths.root.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(Storage.from_uri(artifacts_uri), who=trial_id)
+    store = ArtifactStore(Storage.from_uri(artifacts_uri), who=trial_id, node=ray.get_runtime_context().get_node_id())
 
     resumed_step = 0
     checkpoint = tune.get_checkpoint()
