@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from slmrl_ray.bench.common import format_table, machine
+from slmrl_ray.bench.stages import bench_stages
 from slmrl_ray.config import PipelineConfig, apply_overrides, config_from_dict, fingerprint, load_raw, preset_path
 
 # The hub config.json values that set the cost of each study model (SPEC 1).
@@ -243,7 +245,6 @@ def model_row(key: str, stages: dict, folder: Path, config: PipelineConfig, peak
 def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: float | None = None,
                  cache_dir: Path | None = None) -> dict:
     """Measure each full-size model's stages, then project the paper grid from the rates."""
-    from slmrl_ray.bench import bench_stages, machine
     from slmrl_ray.config import load_config, to_dict
     from slmrl_ray.tiny import default_cache_dir
 
@@ -267,8 +268,6 @@ def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: floa
 
 def format_projection(projection: dict) -> str:
     """The projected paper grid as markdown: one row per configuration, then the totals."""
-    from slmrl_ray.bench import format_table
-
     low, high = projection["study_a6000_grid_hours"]
     lines = [
         "\nprojected paper recipe per configuration (minutes, this device, one trial at a time):",
