@@ -38,7 +38,7 @@ from slmrl_ray.config import PipelineConfig, PPOConfig
 from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
 from slmrl_ray.device import ppo_dtype, resolve_device
 from slmrl_ray.generation import SamplingSettings, decode_responses, generate
-from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer
+from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer, lora_config
 from slmrl_ray.rewards import MixedReward, build_reward
 from slmrl_ray.rl_math import (
     gae_advantages,
@@ -70,7 +70,6 @@ from slmrl_ray.stages.ppo_state import (
     save_checkpoint,
     snapshot,
 )
-from slmrl_ray.stages.sft import lora_config
 
 
 class Rollout(NamedTuple):
@@ -105,7 +104,8 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
     # A fresh adapter (B = 0), without dropout so the importance ratios compare like with like.
     # Its A matrices and the value head start random: seeded, so a retry in a reused Ray
     # worker (whose random state has moved on) starts from the same weights as the first try.
-    lora = lora_config(config, "CAUSAL_LM", dropout=0.0)
+    lora = lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, 0.0, config.lora.target_modules,
+                       "CAUSAL_LM")
     set_seed(config.seed)
     critic = None
     if config.ppo.value_init == "reward_model":  # the critic starts as the pipeline's reward model

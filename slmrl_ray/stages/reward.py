@@ -29,10 +29,10 @@ from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snap
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.data import PreferencePair, load_jsonl
 from slmrl_ray.device import resolve_device
-from slmrl_ray.models import load_reward_model, load_tokenizer
+from slmrl_ray.models import load_reward_model, load_tokenizer, lora_config
 from slmrl_ray.rewards import JUDGE_FOLDER, pipeline_scorer
 from slmrl_ray.scoring import RewardScorer, encode_reward_text
-from slmrl_ray.stages.sft import lora_config, trainer_arguments
+from slmrl_ray.stages.sft import trainer_arguments
 
 
 def preference_dataset(pairs: list[PreferencePair], tokenizer, max_length: int) -> Dataset:
@@ -81,7 +81,8 @@ def build_reward_trainer(
         args=args,
         train_dataset=preference_dataset(pairs, tokenizer, cfg.max_length),
         processing_class=tokenizer,
-        peft_config=lora_config(config, "SEQ_CLS"),
+        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, config.lora.dropout,
+                                config.lora.target_modules, "SEQ_CLS"),
     )
 
 

@@ -64,7 +64,7 @@ from slmrl_ray.checks import assert_changed, assert_responses_nonempty, trainabl
 from slmrl_ray.config import PipelineConfig, PPOConfig
 from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
 from slmrl_ray.device import ppo_dtype, resolve_device
-from slmrl_ray.models import count_parameters, load_causal_lm, load_tokenizer
+from slmrl_ray.models import count_parameters, load_causal_lm, load_tokenizer, lora_config
 from slmrl_ray.rewards import MixedReward, build_reward
 from slmrl_ray.stages.ppo_model import save_merged_policy
 from slmrl_ray.stages.ppo_state import (
@@ -78,7 +78,6 @@ from slmrl_ray.stages.ppo_state import (
     log_path,
     read_log,
 )
-from slmrl_ray.stages.sft import lora_config
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
@@ -234,7 +233,8 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
         args=trl_arguments(config, paths.ppo / "trainer", device, dtype),
         train_dataset=prompt_dataset(prompts, tokenizer, cfg.max_prompt_length),
         processing_class=tokenizer,
-        peft_config=lora_config(config, "CAUSAL_LM", dropout=0.0),
+        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, 0.0,
+                                config.lora.target_modules, "CAUSAL_LM"),
     )
     trainer.remove_callback(PrinterCallback)
     recorder = StepRecorder(cfg, reward, paths, fingerprint, report, history, resumed_from)
