@@ -115,7 +115,7 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
         reward_model = load_reward_model(paths.reward / "model", rm_tokenizer, dtype=dtype, device=device)
         critic = RewardModelCritic(reward_model, lora)
     model = PolicyWithValueHead(base, lora, critic).eval()
-    scorer = build_reward(config.rewards, config, paths.reward, device, dtype)
+    scorer = build_reward(config.rewards, config.reward, paths.reward, device, dtype)
     optimizer = torch.optim.Adam(model.trainable_parameters().values(), lr=config.ppo.learning_rate)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
     return PPOComponents(model, tokenizer, scorer, optimizer, prompts, device)

@@ -220,7 +220,7 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     model = load_causal_lm(paths.sft / "model", tokenizer, device=device)
     dtype = ppo_dtype(cfg.precision, count_parameters(model), device, cfg.fp32_below_params)
     model.to(dtype)
-    reward = TRLReward(build_reward(config.rewards, config, paths.reward, device, dtype), cfg.max_empty_fraction)
+    reward = TRLReward(build_reward(config.rewards, config.reward, paths.reward, device, dtype), cfg.max_empty_fraction)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
     set_seed(config.seed)  # the fresh LoRA's init, whatever this process ran before
     fingerprint = stage_fingerprints(config)["ppo"]
