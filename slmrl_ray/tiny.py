@@ -24,8 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, AutoModelForCausalLM
 
 from slmrl_ray.config import CORPUS_KINDS, TinyModelConfig, fingerprint
-from slmrl_ray.corpora import generate_documents
-from slmrl_ray.data import sft_text
+from slmrl_ray.data import generate_documents, sft_text
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
