@@ -43,8 +43,7 @@ from slmrl_ray.data import PreferencePair
 from slmrl_ray.device import resolve_device, training_precision
 from slmrl_ray.models import count_parameters, load_external_reward_model, load_external_tokenizer, lora_config
 from slmrl_ray.rewards import external_scorer
-from slmrl_ray.scoring import ExternalRewardScorer, encode_external
-from slmrl_ray.stages.reward import pairwise_accuracy
+from slmrl_ray.scoring import ExternalRewardScorer, encode_external, pairwise_accuracy
 
 LORA_ABOVE_PARAMS = 300_000_000  # `lora=None`: full fine-tune below this size, a LoRA above
 

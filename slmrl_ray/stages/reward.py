@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import RewardConfig as TRLRewardConfig
@@ -31,7 +30,7 @@ from slmrl_ray.data import PreferencePair, load_jsonl
 from slmrl_ray.device import resolve_device
 from slmrl_ray.models import load_reward_model, load_tokenizer, lora_config
 from slmrl_ray.rewards import JUDGE_FOLDER, pipeline_scorer
-from slmrl_ray.scoring import RewardScorer, encode_reward_text
+from slmrl_ray.scoring import encode_reward_text, pairwise_accuracy
 from slmrl_ray.stages.sft import trainer_arguments
 
 
@@ -84,25 +83,6 @@ def build_reward_trainer(
         peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, config.lora.dropout,
                                 config.lora.target_modules, "SEQ_CLS"),
     )
-
-
-def pairwise_accuracy(scorer: RewardScorer, pairs: list[PreferencePair]) -> dict:
-    """Held-out accuracy and mean margin on the study's pairs, and apart on the degenerate ones
-    (empty and fragment answers: easy, so they would flatter the study's figure)."""
-    prompts = [p.prompt for p in pairs]
-    chosen = scorer.score(prompts, [p.chosen for p in pairs])
-    rejected = scorer.score(prompts, [p.rejected for p in pairs])
-    margin = chosen - rejected
-    study = torch.tensor([p.kind == "study" for p in pairs], dtype=torch.bool)
-    metrics = {
-        "heldout_accuracy": float((margin[study] > 0).float().mean()),
-        "heldout_margin": float(margin[study].mean()),
-        "heldout_pairs": int(study.sum()),
-    }
-    if (~study).any():
-        metrics["heldout_degenerate_accuracy"] = float((margin[~study] > 0).float().mean())
-        metrics["heldout_degenerate_pairs"] = int((~study).sum())
-    return metrics
 
 
 def train_one(config: PipelineConfig, paths: RunPaths, pairs: list[PreferencePair], name: str) -> dict:
