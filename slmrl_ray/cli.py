@@ -34,6 +34,15 @@ from slmrl_ray.config import ConfigError, PRESETS_DIR, load_config, to_dict
 from slmrl_ray.tuning.config import ExperimentError
 
 
+class CommandError(Exception):
+    """A command's user error (an unreadable input file, say): `main` prints `slmrl-ray: <message>`
+    and exits with `status`, without a traceback."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
@@ -270,8 +279,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
             args.max_per_subset, args.categories, args.device, args.max_length, args.batch_size,
         )
     except RMEvalError as error:
-        print(f"slmrl-ray: rm-eval: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(f"rm-eval: {error}") from error
     print(format_report(report))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -364,8 +372,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
         pairs = load_jsonl(args.pairs, PreferencePair)
         heldout = load_jsonl(args.heldout, PreferencePair) if args.heldout else []
     except (OSError, ValueError, TypeError) as error:  # a missing file, bad JSON, a row without prompt/chosen/rejected
-        print(f"slmrl-ray: train-rm: cannot read preference pairs: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(f"train-rm: cannot read preference pairs: {error}", status=2) from error
     if not args.heldout and args.heldout_fraction > 0:
         pairs, heldout = split_pairs(pairs, args.seed, args.heldout_fraction, max_heldout=len(pairs))
     _quiet_libraries()
@@ -448,12 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"slmrl-ray: config error: {error}", file=sys.stderr)
-        return 2
+    except ConfigError as error:  # the one place where a user error becomes a line and an exit status
+        message, status = f"config error: {error}", 2
     except ExperimentError as error:
-        print(f"slmrl-ray: {error}", file=sys.stderr)
-        return 1
+        message, status = str(error), 1
+    except CommandError as error:
+        message, status = str(error), error.status
+    print(f"slmrl-ray: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
