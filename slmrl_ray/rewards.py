@@ -25,7 +25,7 @@ from slmrl_ray.config import (
     ExternalRewardModel,
     JudgeConfig,
     PipelineConfig,
-    RewardConfig,
+    RewardModelConfig,
     RewardsConfig,
     RuleConfig,
 )
@@ -137,7 +137,7 @@ def external_scorer(
 
 
 def trained_scorer(
-    folder: Path, reward: RewardConfig, device: torch.device, dtype: torch.dtype = torch.float32
+    folder: Path, reward: RewardModelConfig, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> RewardScorer:
     """A reward model this pipeline trained (`reward/model` or `reward/judge`), in the pipeline's
     format, scoring at the reward stage's `max_length`, `score_batch_size` pairs at a time."""
@@ -156,7 +156,7 @@ def pipeline_scorer(
 
 def build_reward(
     rewards: RewardsConfig,
-    reward: RewardConfig,
+    reward: RewardModelConfig,
     reward_dir: Path,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
@@ -173,7 +173,7 @@ def build_reward(
     return MixedReward(model, rewards.model_weight, RuleSet(rewards.rules))
 
 
-def build_judge(judge: JudgeConfig, reward: RewardConfig, reward_dir: Path, device: torch.device) -> Scorer | None:
+def build_judge(judge: JudgeConfig, reward: RewardModelConfig, reward_dir: Path, device: torch.device) -> Scorer | None:
     """The evaluation's judge, or None when `judge.source` is `none` (a split judge scores as `reward` says)."""
     if judge.source == "none":
         return None

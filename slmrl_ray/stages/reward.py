@@ -20,8 +20,7 @@ import random
 
 from datasets import Dataset
 from transformers import set_seed
-from trl import RewardConfig as TRLRewardConfig
-from trl import RewardTrainer
+from trl import RewardConfig, RewardTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
@@ -74,7 +73,7 @@ def build_reward_trainer(
     # trial in a reused Ray worker, whose random state has moved on, trains a different model.
     set_seed(config.seed)
     model = load_reward_model(paths.sft / "model", tokenizer, device=device)
-    args = TRLRewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
+    args = RewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
     return RewardTrainer(
         model=model,
         args=args,

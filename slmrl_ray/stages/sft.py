@@ -17,15 +17,14 @@ from trl import SFTConfig, SFTTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
-from slmrl_ray.config import PipelineConfig
-from slmrl_ray.config import RewardConfig as RewardStageConfig
+from slmrl_ray.config import PipelineConfig, RewardModelConfig
 from slmrl_ray.config import SFTConfig as SFTStageConfig
 from slmrl_ray.data import Document, load_jsonl, sft_text
 from slmrl_ray.device import resolve_device, training_precision
 from slmrl_ray.models import base_model_path, count_parameters, load_causal_lm, load_tokenizer, lora_config
 
 
-def trainer_arguments(cfg: SFTStageConfig | RewardStageConfig, output_dir: Path, device, seed: int) -> dict:
+def trainer_arguments(cfg: SFTStageConfig | RewardModelConfig, output_dir: Path, device, seed: int) -> dict:
     """The TRL/transformers arguments the SFT and reward stages share."""
     precision = training_precision(cfg.precision, device)
     return dict(
