@@ -111,7 +111,7 @@ def full_size_dir(key: str, cache_dir: Path) -> Path:
     """A random-weight full-size model and its tokenizer, saved like a hub snapshot (cached)."""
     from transformers import AutoModelForCausalLM
 
-    from slmrl_ray.tiny import save_snapshot
+    from slmrl_ray.model_cache import save_snapshot
 
     target = cache_dir / "full-size" / f"{key}-{fingerprint(FULL_SIZE[key])}"
     if (target / "model.safetensors").exists():
@@ -246,7 +246,7 @@ def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: floa
                  cache_dir: Path | None = None) -> dict:
     """Measure each full-size model's stages, then project the paper grid from the rates."""
     from slmrl_ray.config import load_config, to_dict
-    from slmrl_ray.tiny import default_cache_dir
+    from slmrl_ray.model_cache import default_cache_dir
 
     cache_dir = cache_dir or default_cache_dir()
     peak = peak_tflops * 1e12 if peak_tflops else peak_bf16_flops(machine()["device"])
