@@ -164,7 +164,7 @@ def guard_network(attempts: list[str]) -> None:
 
 
 def shapes_part(model: str, overrides: list[str], dry_run: bool) -> dict:
-    from slmrl_ray import bench_shapes
+    from slmrl_ray.bench import shapes as bench_shapes
 
     if dry_run:  # a small stand-in of the same family, as the smoke test does
         family = "gpt_neox" if model.startswith("pythia") else "llama"
@@ -180,8 +180,9 @@ def smol_part(overrides: list[str]) -> dict:
     generated corpus when the preset names a hub one (the kit has no internet)."""
     import torch
 
-    from slmrl_ray.bench import bench_stages, machine
-    from slmrl_ray.bench_shapes import model_row, peak_bf16_flops
+    from slmrl_ray.bench.common import machine
+    from slmrl_ray.bench.shapes import model_row, peak_bf16_flops
+    from slmrl_ray.bench.stages import bench_stages
     from slmrl_ray.config import load_config, to_dict
     from slmrl_ray.models import base_model_path
 
@@ -206,7 +207,7 @@ def run_child(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
-    from slmrl_ray.bench import machine
+    from slmrl_ray.bench.common import machine
 
     transformers.logging.set_verbosity_error()
     if args.what == "shapes":
@@ -289,7 +290,7 @@ def gather(records: list[dict], device: str) -> tuple[list[dict], dict]:
 
 def markdown(report: dict) -> str:
     """The one table: every figure of every model, the device on each row."""
-    from slmrl_ray.bench import format_table
+    from slmrl_ray.bench.common import format_table
 
     device, projection, packages = report["device"], report["projection"], report["packages"]
     lines = [f"# slmrl-ray GPU kit on {device}", "",

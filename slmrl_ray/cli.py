@@ -25,12 +25,22 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 import yaml
 
 from slmrl_ray.artifacts import STAGES
 from slmrl_ray.config import ConfigError, PRESETS_DIR, load_config, to_dict
 from slmrl_ray.tuning.config import ExperimentError
+
+
+class CommandError(Exception):
+    """A command's user error (an unreadable input file, say): `main` prints `slmrl-ray: <message>`
+    and exits with `status`, without a traceback."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +122,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from slmrl_ray.tuning.experiment import MANIFEST, write_report
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     root = Storage.from_uri(args.uri)
     if not root.child(MANIFEST).is_file():
@@ -129,42 +139,121 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from slmrl_ray import bench
+# ----------------------------------------------------------------------------- slmrl-ray bench <what>
 
-    if args.target == "serve":
-        from slmrl_ray.serving.bench import main as serve_bench
-
-        serve_bench(args.rest)
-        return 0
-    if args.target == "tune":
-        bench.report("tune", bench.bench_tune(args.uri), {"experiments": args.uri}, args.out)
-        return 0
-    if args.target == "shapes":
-        from slmrl_ray.bench_shapes import FULL_SIZE, bench_shapes, format_projection
-
-        _quiet_libraries()
-        models = args.models.split(",") if args.models else list(FULL_SIZE)
-        unknown = sorted(set(models) - set(FULL_SIZE))
-        if unknown:
-            raise ConfigError(f"--models: unknown {', '.join(unknown)} (known: {', '.join(FULL_SIZE)})")
-        result = bench_shapes(models, args.overrides, args.peak_tflops)
-        bench.report("shapes", result, {"models": models, "overrides": args.overrides,
-                                        "peak_tflops": args.peak_tflops}, args.out)
-        print(format_projection(result["projection"]))
-        return 0
+def _bench_config(args: argparse.Namespace):
     config = _config_from_args(args)
     _quiet_libraries()
-    from slmrl_ray.config import to_dict
+    return config
 
-    settings = to_dict(config)
-    if args.target == "stages":
-        bench.report("stages", bench.bench_stages(config), settings, args.out)
-    elif args.target == "rl":
-        bench.report("rl", bench.bench_rl(config, args.repeats), settings, args.out)
-    else:
-        bench.report("rollout", bench.bench_rollout(config, args.repeats), settings, args.out)
+
+def cmd_bench_stages(args: argparse.Namespace) -> int:
+    config = _bench_config(args)
+    from slmrl_ray.bench.common import report
+    from slmrl_ray.bench.stages import bench_stages
+
+    report("stages", bench_stages(config), to_dict(config), args.out)
     return 0
+
+
+def cmd_bench_rollout(args: argparse.Namespace) -> int:
+    config = _bench_config(args)
+    from slmrl_ray.bench.common import report
+    from slmrl_ray.bench.stages import bench_rollout
+
+    report("rollout", bench_rollout(config, args.repeats), to_dict(config), args.out)
+    return 0
+
+
+def cmd_bench_rl(args: argparse.Namespace) -> int:
+    config = _bench_config(args)
+    from slmrl_ray.bench.common import report
+    from slmrl_ray.bench.stages import bench_rl
+
+    report("rl", bench_rl(config, args.repeats), to_dict(config), args.out)
+    return 0
+
+
+def cmd_bench_shapes(args: argparse.Namespace) -> int:
+    from slmrl_ray.bench.common import report
+    from slmrl_ray.bench.shapes import FULL_SIZE, bench_shapes, format_projection
+
+    _quiet_libraries()
+    models = args.models.split(",") if args.models else list(FULL_SIZE)
+    unknown = sorted(set(models) - set(FULL_SIZE))
+    if unknown:
+        raise ConfigError(f"--models: unknown {', '.join(unknown)} (known: {', '.join(FULL_SIZE)})")
+    result = bench_shapes(models, args.overrides, args.peak_tflops)
+    report("shapes", result, {"models": models, "overrides": args.overrides, "peak_tflops": args.peak_tflops},
+           args.out)
+    print(format_projection(result["projection"]))
+    return 0
+
+
+def cmd_bench_tune(args: argparse.Namespace) -> int:
+    from slmrl_ray.bench.common import report
+    from slmrl_ray.bench.tune import bench_tune
+
+    report("tune", bench_tune(args.uri), {"experiments": args.uri}, args.out)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from slmrl_ray.bench.serve import run
+
+    return run(args)
+
+
+def _add_stage_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--out", help=f"JSON output (default bench_{name}.json)")
+    if name == "rollout":
+        parser.add_argument("--repeats", type=int, default=5)
+    if name == "rl":
+        parser.add_argument("--repeats", type=int, default=3, help="timed steps per algorithm")
+
+
+def _add_shapes_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", help="comma-separated model keys (default: all five)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for SFT MFU "
+                        "(default: looked up from the GPU's name)")
+    parser.add_argument("--out", help="JSON output (default bench_shapes.json)")
+    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value",
+                        help="changes to the measurement config, e.g. sft.max_steps=10")
+
+
+def _add_tune_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("uri", metavar="PATH_OR_URI", nargs="+",
+                        help="the experiment folder, <storage_path>/<name>; several: each one's speed-up over the first")
+    parser.add_argument("--out", help="JSON output (default bench_tune.json)")
+
+
+def _add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from slmrl_ray.bench.serve import add_arguments  # shared with `python -m slmrl_ray.bench.serve`
+
+    add_arguments(parser)
+
+
+_SHAPES_HELP = ("the five study models at full size (random weights): every stage at the paper recipe's "
+                "batches and lengths, and the paper grid projected from the rates")
+_SHAPES_DESCRIPTION = ("Build each study model's published architecture with random weights, run every stage for a "
+                       "few steps at the paper recipe's batch sizes and lengths, and project the full "
+                       "15-configuration grid.")
+_SERVE_HELP = "Ray Serve against a naive one-process server (see slmrl_ray.bench.serve)"
+
+# `slmrl-ray bench <name>`: (help, description, add_arguments, run).
+BENCH_TARGETS = {
+    "stages": ("every stage of one configuration, from scratch", "every stage of one configuration, from scratch",
+               partial(_add_stage_bench_arguments, name="stages"), cmd_bench_stages),
+    "rollout": ("one PPO rollout against bare generate", "one PPO rollout against bare generate",
+                partial(_add_stage_bench_arguments, name="rollout"), cmd_bench_rollout),
+    "rl": ("our PPO against TRL's GRPO and RLOO: step time at equal batch and updates",
+           "our PPO against TRL's GRPO and RLOO: step time at equal batch and updates",
+           partial(_add_stage_bench_arguments, name="rl"), cmd_bench_rl),
+    "shapes": (_SHAPES_HELP, _SHAPES_DESCRIPTION, _add_shapes_bench_arguments, cmd_bench_shapes),
+    "tune": ("Tune's overhead for a finished grid or search", None, _add_tune_bench_arguments, cmd_bench_tune),
+    "serve": (_SERVE_HELP, _SERVE_HELP, _add_serve_bench_arguments, cmd_bench_serve),
+}
 
 
 def _add_bench_command(commands) -> None:
@@ -174,35 +263,10 @@ def _add_bench_command(commands) -> None:
         "library versions and settings.",
     )
     targets = command.add_subparsers(dest="target", required=True)
-    for name, summary in (("stages", "every stage of one configuration, from scratch"),
-                          ("rollout", "one PPO rollout against bare generate"),
-                          ("rl", "our PPO against TRL's GRPO and RLOO: step time at equal batch and updates")):
-        target = targets.add_parser(name, help=summary, description=summary)
-        _add_config_arguments(target)
-        target.add_argument("--out", help=f"JSON output (default bench_{name}.json)")
-        if name == "rollout":
-            target.add_argument("--repeats", type=int, default=5)
-        if name == "rl":
-            target.add_argument("--repeats", type=int, default=3, help="timed steps per algorithm")
-    shapes = targets.add_parser(
-        "shapes", help="the five study models at full size (random weights): every stage at the paper recipe's "
-        "batches and lengths, and the paper grid projected from the rates",
-        description="Build each study model's published architecture with random weights, run every stage for a "
-        "few steps at the paper recipe's batch sizes and lengths, and project the full 15-configuration grid.")
-    shapes.add_argument("--models", help="comma-separated model keys (default: all five)")
-    shapes.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for SFT MFU "
-                        "(default: looked up from the GPU's name)")
-    shapes.add_argument("--out", help="JSON output (default bench_shapes.json)")
-    shapes.add_argument("overrides", nargs="*", metavar="a.b.c=value",
-                        help="changes to the measurement config, e.g. sft.max_steps=10")
-    tune = targets.add_parser("tune", help="Tune's overhead for a finished grid or search")
-    tune.add_argument("uri", metavar="PATH_OR_URI", nargs="+",
-                      help="the experiment folder, <storage_path>/<name>; several: each one's speed-up over the first")
-    tune.add_argument("--out", help="JSON output (default bench_tune.json)")
-    serve = targets.add_parser("serve", help="Ray Serve against a naive server (see slmrl_ray.serving.bench)",
-                               add_help=False)
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
-    command.set_defaults(func=cmd_bench)
+    for name, (summary, description, add_arguments, run) in BENCH_TARGETS.items():
+        target = targets.add_parser(name, help=summary, description=description)
+        add_arguments(target)
+        target.set_defaults(func=run)
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> int:
@@ -215,8 +279,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
             args.max_per_subset, args.categories, args.device, args.max_length, args.batch_size,
         )
     except RMEvalError as error:
-        print(f"slmrl-ray: rm-eval: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(f"rm-eval: {error}") from error
     print(format_report(report))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -309,8 +372,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
         pairs = load_jsonl(args.pairs, PreferencePair)
         heldout = load_jsonl(args.heldout, PreferencePair) if args.heldout else []
     except (OSError, ValueError, TypeError) as error:  # a missing file, bad JSON, a row without prompt/chosen/rejected
-        print(f"slmrl-ray: train-rm: cannot read preference pairs: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(f"train-rm: cannot read preference pairs: {error}", status=2) from error
     if not args.heldout and args.heldout_fraction > 0:
         pairs, heldout = split_pairs(pairs, args.seed, args.heldout_fraction, max_heldout=len(pairs))
     _quiet_libraries()
@@ -393,12 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"slmrl-ray: config error: {error}", file=sys.stderr)
-        return 2
+    except ConfigError as error:  # the one place where a user error becomes a line and an exit status
+        message, status = f"config error: {error}", 2
     except ExperimentError as error:
-        print(f"slmrl-ray: {error}", file=sys.stderr)
-        return 1
+        message, status = str(error), 1
+    except CommandError as error:
+        message, status = str(error), error.status
+    print(f"slmrl-ray: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -157,7 +157,9 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardModelConfig:
+    """The reward stage's training (YAML key `reward:`); the reward sources PPO uses are `RewardsConfig`."""
+
     epochs: float = 2.0
     max_steps: int = -1
     batch_size: int = 8
@@ -352,7 +354,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)

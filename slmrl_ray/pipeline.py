@@ -34,7 +34,7 @@ def stage_function(stage: str) -> Callable:
     elif stage == "reward":
         from slmrl_ray.stages.reward import run_reward as run
     elif stage == "ppo":
-        from slmrl_ray.stages.ppo import run_ppo as run
+        from slmrl_ray.stages.rl import run_rl as run
     elif stage == "eval":
         from slmrl_ray.stages.evaluate import run_eval as run
     else:

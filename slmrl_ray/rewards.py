@@ -20,7 +20,15 @@ from typing import Sequence
 
 import torch
 
-from slmrl_ray.config import RULE_FIELD, ExternalRewardModel, PipelineConfig, RewardsConfig, RuleConfig
+from slmrl_ray.config import (
+    RULE_FIELD,
+    ExternalRewardModel,
+    JudgeConfig,
+    PipelineConfig,
+    RewardModelConfig,
+    RewardsConfig,
+    RuleConfig,
+)
 from slmrl_ray.models import (
     load_external_reward_model,
     load_external_tokenizer,
@@ -128,39 +136,47 @@ def external_scorer(
     return ExternalRewardScorer(model, tokenizer, source.max_length, source.batch_size, device, source.use_chat_template)
 
 
-def pipeline_scorer(
-    folder: Path, config: PipelineConfig, device: torch.device, dtype: torch.dtype = torch.float32
+def trained_scorer(
+    folder: Path, reward: RewardModelConfig, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> RewardScorer:
-    """A reward model this pipeline trained (`reward/model` or `reward/judge`), in the pipeline's format."""
+    """A reward model this pipeline trained (`reward/model` or `reward/judge`), in the pipeline's
+    format, scoring at the reward stage's `max_length`, `score_batch_size` pairs at a time."""
     tokenizer = load_tokenizer(folder)
     model = load_reward_model(folder, tokenizer, dtype=dtype, device=device)
     model.requires_grad_(False)
-    return RewardScorer(model, tokenizer, config.reward.max_length, config.reward.score_batch_size, device)
+    return RewardScorer(model, tokenizer, reward.max_length, reward.score_batch_size, device)
+
+
+def pipeline_scorer(
+    folder: Path, config: PipelineConfig, device: torch.device, dtype: torch.dtype = torch.float32
+) -> RewardScorer:
+    """`trained_scorer` with a run's config (for tools that hold one: `rm_eval`, the reward stage)."""
+    return trained_scorer(folder, config.reward, device, dtype)
 
 
 def build_reward(
     rewards: RewardsConfig,
-    config: PipelineConfig,
+    reward: RewardModelConfig,
     reward_dir: Path,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> MixedReward:
-    """The configured reward source; `reward_dir` is the reward stage folder (its RM is the default)."""
+    """The configured reward source; `reward_dir` is the reward stage folder (its RM is the default,
+    scored as `reward` says)."""
     model: Scorer | None = None
     if rewards.model_weight != 0:
         model = (
             external_scorer(rewards.model, device, dtype)
             if rewards.model is not None
-            else pipeline_scorer(reward_dir / "model", config, device, dtype)
+            else trained_scorer(reward_dir / "model", reward, device, dtype)
         )
     return MixedReward(model, rewards.model_weight, RuleSet(rewards.rules))
 
 
-def build_judge(config: PipelineConfig, reward_dir: Path, device: torch.device) -> Scorer | None:
-    """The evaluation's judge, or None when `judge.source` is `none`."""
-    judge = config.judge
+def build_judge(judge: JudgeConfig, reward: RewardModelConfig, reward_dir: Path, device: torch.device) -> Scorer | None:
+    """The evaluation's judge, or None when `judge.source` is `none` (a split judge scores as `reward` says)."""
     if judge.source == "none":
         return None
     if judge.source == "split":
-        return pipeline_scorer(reward_dir / JUDGE_FOLDER, config, device)
+        return trained_scorer(reward_dir / JUDGE_FOLDER, reward, device)
     return external_scorer(judge.model, device)

@@ -11,7 +11,8 @@ EOS appended, left-truncated to `max_length` so the response end (where the scor
 read) always survives. The reward stage builds its training set with it and every
 scorer (held-out accuracy, PPO, evaluation) calls it too, so training and scoring
 cannot drift apart (a model trained with EOS but scored without it ranks texts
-backwards; see PITFALLS).
+backwards; see PITFALLS). `pairwise_accuracy` is the held-out accuracy of any scorer (the
+reward stage's and `external_rm`'s).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmrl_ray.data import reward_text
+from slmrl_ray.data import PreferencePair, reward_text
 
 
 def encode_reward_text(
@@ -71,6 +72,25 @@ class Scorer(Protocol):
     """Anything that scores (prompt, response) texts: a reward model, rules, or a mix."""
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+
+
+def pairwise_accuracy(scorer: Scorer, pairs: list[PreferencePair]) -> dict:
+    """Held-out accuracy and mean margin on the study's pairs, and apart on the degenerate ones
+    (empty and fragment answers: easy, so they would flatter the study's figure)."""
+    prompts = [p.prompt for p in pairs]
+    chosen = scorer.score(prompts, [p.chosen for p in pairs])
+    rejected = scorer.score(prompts, [p.rejected for p in pairs])
+    margin = chosen - rejected
+    study = torch.tensor([p.kind == "study" for p in pairs], dtype=torch.bool)
+    metrics = {
+        "heldout_accuracy": float((margin[study] > 0).float().mean()),
+        "heldout_margin": float(margin[study].mean()),
+        "heldout_pairs": int(study.sum()),
+    }
+    if (~study).any():
+        metrics["heldout_degenerate_accuracy"] = float((margin[~study] > 0).float().mean())
+        metrics["heldout_degenerate_pairs"] = int((~study).sum())
+    return metrics
 
 
 def encode_external(

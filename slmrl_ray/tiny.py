@@ -13,10 +13,7 @@ run does not rebuild it.
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,15 +21,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, AutoModelForCausalLM
 
 from slmrl_ray.config import CORPUS_KINDS, TinyModelConfig, fingerprint
-from slmrl_ray.corpora import generate_documents
-from slmrl_ray.data import sft_text
+from slmrl_ray.data import generate_documents, sft_text
+from slmrl_ray.model_cache import default_cache_dir, save_snapshot
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SLMRL_RAY_CACHE", Path.home() / ".cache" / "slmrl_ray"))
 
 
 def pretraining_texts(num_documents: int, seed: int) -> list[str]:
@@ -141,17 +134,3 @@ def tiny_model_dir(family: str, cfg: TinyModelConfig, cache_dir: Path | None = N
         raise RuntimeError(f"tiny {family} pretraining diverged (loss {loss})")
     save_snapshot(model, tokenizer, target)
     return target
-
-
-def save_snapshot(model, tokenizer, target: Path) -> None:
-    """Save like a hub snapshot into a scratch folder, then rename it to `target`: a crash
-    never leaves a half-written cache entry, and a process losing the race keeps the winner's."""
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-    try:
-        model.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.save_pretrained(scratch)
-        os.replace(scratch, target)
-    except OSError:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if not (target / "model.safetensors").exists():  # not another process winning the race
-            raise

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from slmrl_ray.cli import main
-from slmrl_ray.tuning.storage import Storage
+from slmrl_ray.storage import Storage
 
 TINY = ["--preset", "tiny", "--model", "pythia-70m", "--corpus", "tinystories", "data.num_documents=300",
         "sft.max_steps=4", "reward.max_steps=4", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=8",
@@ -86,7 +86,7 @@ PUBLISHED_PARAMETERS = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944, "p
 def test_full_size_shapes_have_the_published_parameter_counts():
     from types import SimpleNamespace
 
-    from slmrl_ray.bench_shapes import FULL_SIZE, model_config, shape_costs
+    from slmrl_ray.bench.shapes import FULL_SIZE, model_config, shape_costs
     from slmrl_ray.config import load_config
 
     assert set(FULL_SIZE) == set(load_config(preset="paper").models) == set(PUBLISHED_PARAMETERS)
@@ -103,7 +103,7 @@ def test_full_size_shapes_have_the_published_parameter_counts():
 def test_lora_training_flops_per_token_by_hand():
     from transformers import GPTNeoXConfig
 
-    from slmrl_ray.bench_shapes import shape_costs
+    from slmrl_ray.bench.shapes import shape_costs
 
     config = GPTNeoXConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                            vocab_size=10, tie_word_embeddings=False)
@@ -115,7 +115,7 @@ def test_lora_training_flops_per_token_by_hand():
 
 
 def test_peak_flops_are_looked_up_by_device_name():
-    from slmrl_ray.bench_shapes import peak_bf16_flops
+    from slmrl_ray.bench.shapes import peak_bf16_flops
 
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
@@ -124,7 +124,7 @@ def test_peak_flops_are_looked_up_by_device_name():
 
 
 def test_paper_grid_projection_by_hand():
-    from slmrl_ray.bench_shapes import CorpusWorkload, paper_cell_minutes, project_grid
+    from slmrl_ray.bench.shapes import CorpusWorkload, paper_cell_minutes, project_grid
     from slmrl_ray.config import load_config
 
     recipe = load_config(preset="paper")  # 10,000 documents (500 held out), 300 held-out pairs, 250 PPO steps
@@ -145,7 +145,7 @@ def test_paper_grid_projection_by_hand():
 
 @pytest.mark.slow
 def test_bench_shapes_measures_each_model_and_projects_the_grid(tmp_path, monkeypatch, capsys):
-    from slmrl_ray import bench_shapes
+    from slmrl_ray.bench import shapes as bench_shapes
 
     # Small stand-ins for the full-size shapes (both families): the CI smoke test checks the output, not a speed.
     monkeypatch.setitem(bench_shapes.FULL_SIZE, "pythia-70m", dict(

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from slmrl_ray import data
-from slmrl_ray.corpora import generate_documents
+from slmrl_ray.data import generate_documents
 from slmrl_ray.data import Document, EvalExample, PreferencePair
 
 CORPORA = ("tinystories", "cnn_dailymail", "wikitext")

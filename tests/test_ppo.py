@@ -1,15 +1,29 @@
-"""PPO's update, score shaping, dtype and rollback, each checked on numbers (tiny GPT-NeoX run)."""
+"""PPO's update, score shaping, dtype, policy/value model, state, checkpoints and rollback, each checked
+on numbers (tiny GPT-NeoX run)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import pytest
 import torch
 
+from slmrl_ray.checks import assert_finite_state
 from slmrl_ray.device import ppo_dtype
-from slmrl_ray.rl_math import RunningMoments
-from slmrl_ray.stages.ppo_state import NonFiniteError, initial_state, restore, snapshot
+from slmrl_ray.generation import SamplingSettings, generate
+from slmrl_ray.models import load_causal_lm, load_tokenizer
+from slmrl_ray.rl_math import AdaptiveKLController, RunningMoments
+from slmrl_ray.stages.ppo_state import (
+    NonFiniteError,
+    PPOState,
+    initial_state,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    snapshot,
+)
 
 CPU = torch.device("cpu")
 
@@ -78,6 +92,11 @@ def test_a_policy_trained_in_bf16_is_merged_with_its_whole_delta():
     # What a bf16 merge would have kept: most of the delta rounds away.
     rounded = (weight_bf16.to(torch.bfloat16) + delta.to(torch.bfloat16)).float() - weight_bf16
     assert float((rounded - delta).abs().mean() / delta.abs().mean()) > 0.3
+
+
+def test_ppo_runs_in_float32_below_the_size_threshold():
+    assert ppo_dtype("auto", 70_000_000, CPU, 200_000_000) == torch.float32
+    assert ppo_dtype("auto", 1_000_000_000, CPU, 200_000_000) == torch.float32  # no bf16 on the CPU
 
 
 # ------------------------------------------------------------------ short and empty answers
@@ -204,3 +223,137 @@ def test_a_nan_after_an_update_rolls_back_the_changed_weights_and_optimiser_stat
     saved = healthy["optimizer"]["state"]
     for index, param_state in parts.optimizer.state_dict()["state"].items():
         torch.testing.assert_close(param_state["exp_avg"], saved[index]["exp_avg"], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the policy with its value head
+
+def test_ppo_policy_starts_at_the_reference_with_only_lora_and_value_head_trainable(neox_run):
+    from peft import LoraConfig
+
+    from slmrl_ray.stages.ppo_model import PolicyWithValueHead
+
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    base = load_causal_lm(paths.sft / "model", tokenizer)
+    model = PolicyWithValueHead(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    names = list(model.trainable_parameters())
+    assert names and all("lora_" in n or n.startswith("value_head") for n in names)
+    gen = generate(model.policy, tokenizer, ["Once upon a time", "The river"], SamplingSettings(8, greedy=True), 32, CPU)
+    policy = model.response_outputs(*gen, temperature=1.0)
+    with model.reference():
+        reference = model.response_outputs(*gen, temperature=1.0, with_values=False)
+    torch.testing.assert_close(policy.logprobs, reference.logprobs)
+
+
+def test_ppo_response_logprobs_match_the_full_forward_pass(neox_run):
+    """The policy's head runs on the response positions only; the numbers must equal a full pass's."""
+    from peft import LoraConfig
+
+    from slmrl_ray.generation import position_ids_from_mask
+    from slmrl_ray.stages.ppo_model import PolicyWithValueHead
+
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    base = load_causal_lm(paths.sft / "model", tokenizer)
+    model = PolicyWithValueHead(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    prompts = ["Once upon a time there was a little fox who", "The river"]  # different lengths: left padding
+    gen = generate(model.policy, tokenizer, prompts, SamplingSettings(8, temperature=0.7), 32, CPU)
+    outputs = model.response_outputs(*gen, temperature=0.7)
+    input_ids = torch.cat([gen.query_ids, gen.response_ids], dim=1)
+    attention_mask = torch.cat([gen.query_mask, gen.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model.policy(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask)).logits
+    start, width = gen.query_ids.shape[1] - 1, gen.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, start : start + width].float() / 0.7, dim=-1)
+    expected = expected.gather(-1, gen.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(outputs.logprobs, expected)
+    assert outputs.values.shape == outputs.entropy.shape == gen.response_ids.shape
+
+
+# ------------------------------------------------------------------ PPO state, rollback and checkpoints
+
+def _toy_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = PPOState(step=0, rollbacks=0, moments=RunningMoments(), kl_controller=AdaptiveKLController(0.2, 6, 10_000))
+    return model, optimizer, state
+
+
+def _train_once(model, optimizer, state):
+    model(torch.ones(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    state.moments.update(torch.tensor([1.0, 2.0, 4.0]))
+    state.kl_controller.update(20.0, 32)
+
+
+def test_rollback_restores_weights_optimiser_statistics_and_kl_controller():
+    model, optimizer, state = _toy_state()
+    _train_once(model, optimizer, state)
+    saved = snapshot(model, optimizer, state)
+    reference = json.dumps({"m": state.moments.state_dict(), "k": state.kl_controller.state_dict()})
+    weight = model.weight.detach().clone()
+    exp_avg = optimizer.state[model.weight]["exp_avg"].clone()
+    _train_once(model, optimizer, state)
+    assert not torch.equal(model.weight, weight)
+    restore(model, optimizer, state, saved)
+    assert torch.equal(model.weight, weight)
+    assert torch.equal(optimizer.state[model.weight]["exp_avg"], exp_avg)
+    assert json.dumps({"m": state.moments.state_dict(), "k": state.kl_controller.state_dict()}) == reference
+
+
+def test_checkpoint_round_trip_restores_the_whole_training_state(tmp_path):
+    model, optimizer, state = _toy_state()
+    _train_once(model, optimizer, state)
+    state.step, state.rollbacks = 7, 1
+    path = save_checkpoint(tmp_path, model, optimizer, state, fingerprint="abc")
+    assert sorted(p.name for p in path.iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
+    other_model, other_optimizer, other_state = _toy_state()
+    load_checkpoint(path, other_model, other_optimizer, other_state)
+    assert torch.equal(other_model.weight, model.weight)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(other_optimizer.state[other_model.weight][key], optimizer.state[model.weight][key])
+    assert (other_state.step, other_state.rollbacks) == (7, 1)
+    assert other_state.moments.state_dict() == state.moments.state_dict()
+    assert other_state.kl_controller.value == state.kl_controller.value
+
+
+def test_an_injected_nan_reward_rolls_back_and_the_run_ends_finite(run_copy, monkeypatch):
+    import dataclasses
+
+    from slmrl_ray.scoring import RewardScorer
+    from slmrl_ray.stages.ppo import run_ppo
+
+    config, paths = run_copy
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, steps=4, checkpoint_every=2))
+    real_score, calls = RewardScorer.score, []
+
+    def score_with_a_nan(self, prompts, responses):
+        calls.append(len(prompts))
+        scores = real_score(self, prompts, responses)
+        if len(calls) == 2:  # the second rollout
+            scores[3] = float("nan")
+        return scores
+
+    monkeypatch.setattr(RewardScorer, "score", score_with_a_nan)
+    metrics = run_ppo(config, paths)
+    assert metrics["rollbacks"] == 1 and metrics["steps"] == 4
+    log = [json.loads(line) for line in (paths.ppo / "log.jsonl").read_text().splitlines()]
+    assert "rolled_back" in log[1] and "reward_mean" in log[2]
+    from safetensors.torch import load_file
+
+    assert_finite_state(load_file(paths.ppo / "model" / "model.safetensors"), "PPO policy")
+
+
+def test_too_many_non_finite_steps_stop_the_run(run_copy, monkeypatch):
+    import dataclasses
+
+    from slmrl_ray.scoring import RewardScorer
+    from slmrl_ray.stages.ppo import PPODivergedError, run_ppo
+
+    config, paths = run_copy
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, steps=5, max_rollbacks=2))
+    monkeypatch.setattr(RewardScorer, "score", lambda self, p, r: torch.full((len(p),), math.nan))
+    with pytest.raises(PPODivergedError, match="max_rollbacks=2"):
+        run_ppo(config, paths)

@@ -24,7 +24,7 @@ import pytest
 from slmrl_ray.artifacts import STAGES
 from slmrl_ray.tuning.config import load_tune_config
 from slmrl_ray.tuning.experiment import experiment_root, load_records, run_experiment, stage_executions
-from slmrl_ray.tuning.storage import Storage
+from slmrl_ray.storage import Storage
 
 pytestmark = pytest.mark.slow
 

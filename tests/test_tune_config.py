@@ -11,7 +11,7 @@ from slmrl_ray.artifacts import RunPaths, stage_fingerprints
 from slmrl_ray.config import ConfigError
 from slmrl_ray.tuning.config import Objective, grid_variants, load_tune_config
 from slmrl_ray.tuning.experiment import phases
-from slmrl_ray.tuning.storage import ArtifactStore, Storage, join_uri
+from slmrl_ray.storage import ArtifactStore, Storage, join_uri
 from slmrl_ray.tuning.trial import ObjectiveTracker, restore_ppo_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

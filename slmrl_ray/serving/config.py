@@ -102,13 +102,13 @@ def parse_args(args: dict) -> ServeArgs:
 
 
 def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedModel:
-    from slmrl_ray.tuning.storage import join_uri
+    from slmrl_ray.storage import join_uri
 
     return ServedModel(f"{stage}/{cell}", stage, cell, join_uri(stage_uri, "model"), stage_uri, fingerprint)
 
 
 def _registry(uri: str) -> dict:
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     place = Storage.from_uri(uri)
     if not place.is_file():
@@ -120,7 +120,7 @@ def _registry(uri: str) -> dict:
 
 def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
     """Model id -> served model, for the policies of `args.stages` and each cell's reward model."""
-    from slmrl_ray.tuning.storage import parent_uri
+    from slmrl_ray.storage import parent_uri
 
     catalog: dict[str, ServedModel] = {}
     if args.registry is not None:
@@ -147,7 +147,7 @@ def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
 
 def _fingerprint(stage_uri: str) -> str:
     """The fingerprint in a stage folder's stage.json (what produced it), or "unknown"."""
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     marker = Storage.from_uri(stage_uri).child("stage.json")
     return marker.read_json().get("fingerprint", "unknown") if marker.is_file() else "unknown"

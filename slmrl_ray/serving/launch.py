@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -58,3 +60,22 @@ def serve_forever(source: str, host: str | None = None, port: int | None = None)
         from ray import serve
 
         serve.shutdown()
+
+
+@contextmanager
+def local_app(app_args: dict, port: int) -> Iterator[str]:
+    """The app in a fresh local Ray (all CPUs, no dashboard) on 127.0.0.1:`port`, shut down on
+    exit; yields its URL. For the serving benchmark (`slmrl_ray.bench.serve`)."""
+    import ray
+    from ray import serve
+
+    from slmrl_ray.serving.app import build_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args), name="slmrl", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

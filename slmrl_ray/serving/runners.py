@@ -39,7 +39,7 @@ class RequestError(ValueError):
 
 def local_folder(uri: str) -> Path:
     """A local folder holding the artifact at `uri` (downloaded once when remote)."""
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     place = Storage.from_uri(uri)
     if place.is_local:
@@ -53,7 +53,7 @@ def local_folder(uri: str) -> Path:
 
 def _stage_setting(model: ServedModel, section: str, key: str, default):
     """A setting of the pipeline config that produced the artifact (its stage's config.json)."""
-    from slmrl_ray.tuning.storage import Storage
+    from slmrl_ray.storage import Storage
 
     config = Storage.from_uri(model.stage_uri).child("config.json")
     return config.read_json().get(section, {}).get(key, default) if config.is_file() else default

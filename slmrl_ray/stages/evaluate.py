@@ -93,8 +93,8 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
     cfg, device = config.eval, resolve_device(config.device)
     examples = load_jsonl(paths.data / "eval.jsonl", EvalExample)[: cfg.num_prompts]
     prompts, references = [e.prompt for e in examples], [e.reference for e in examples]
-    scorer = build_reward(config.rewards, config, paths.reward, device)
-    judge = build_judge(config, paths.reward, device)
+    scorer = build_reward(config.rewards, config.reward, paths.reward, device)
+    judge = build_judge(config.judge, config.reward, paths.reward, device)
     results, rewards, judged = {}, {}, {}
     for policy in POLICIES:
         folder = paths.stage(policy) / "model"

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report, stage_fingerprints
-from slmrl_ray.checks import assert_changed, assert_finite_state, assert_responses_nonempty, trainable_snapshot
+from slmrl_ray.checks import assert_changed, assert_responses_nonempty, trainable_snapshot
 from slmrl_ray.config import PipelineConfig, PPOConfig
 from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
 from slmrl_ray.device import ppo_dtype, resolve_device
 from slmrl_ray.generation import SamplingSettings, decode_responses, generate
-from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer
+from slmrl_ray.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer, lora_config
 from slmrl_ray.rewards import MixedReward, build_reward
 from slmrl_ray.rl_math import (
     gae_advantages,
@@ -51,23 +51,25 @@ from slmrl_ray.rl_math import (
     policy_loss,
     value_loss,
 )
-from slmrl_ray.stages.ppo_model import PolicyWithValueHead, RewardModelCritic, merge_in_fp32
+from slmrl_ray.stages.ppo_model import PolicyWithValueHead, RewardModelCritic, save_merged_policy
 from slmrl_ray.stages.ppo_state import (
+    KEEP_CHECKPOINTS,
     NonFiniteError,
     PPODivergedError,
     PPOState,
     append_log,
+    checkpoints_dir,
+    finish_metrics,
     initial_state,
     latest_checkpoint,
     load_checkpoint,
+    log_path,
     prune_checkpoints,
     read_log,
     restore,
     save_checkpoint,
     snapshot,
-    summarize_log,
 )
-from slmrl_ray.stages.sft import lora_config
 
 
 class Rollout(NamedTuple):
@@ -102,7 +104,8 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
     # A fresh adapter (B = 0), without dropout so the importance ratios compare like with like.
     # Its A matrices and the value head start random: seeded, so a retry in a reused Ray
     # worker (whose random state has moved on) starts from the same weights as the first try.
-    lora = lora_config(config, "CAUSAL_LM", dropout=0.0)
+    lora = lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, 0.0, config.lora.target_modules,
+                       "CAUSAL_LM")
     set_seed(config.seed)
     critic = None
     if config.ppo.value_init == "reward_model":  # the critic starts as the pipeline's reward model
@@ -112,7 +115,7 @@ def build_components(config: PipelineConfig, paths: RunPaths) -> PPOComponents:
         reward_model = load_reward_model(paths.reward / "model", rm_tokenizer, dtype=dtype, device=device)
         critic = RewardModelCritic(reward_model, lora)
     model = PolicyWithValueHead(base, lora, critic).eval()
-    scorer = build_reward(config.rewards, config, paths.reward, device, dtype)
+    scorer = build_reward(config.rewards, config.reward, paths.reward, device, dtype)
     optimizer = torch.optim.Adam(model.trainable_parameters().values(), lr=config.ppo.learning_rate)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
     return PPOComponents(model, tokenizer, scorer, optimizer, prompts, device)
@@ -252,22 +255,21 @@ def ppo_step(parts: PPOComponents, cfg: PPOConfig, state: PPOState, seed: int) -
 
 
 def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_report) -> dict:
-    if config.ppo.algorithm != "ppo":  # GRPO / RLOO: TRL's trainers, same inputs and outputs
-        from slmrl_ray.stages.trl_rl import run_trl_rl
-
-        return run_trl_rl(config, paths, report)
+    """Our PPO; `stages.rl.run_rl` is the stage's entry, which sends GRPO/RLOO to `trl_rl`."""
+    if config.ppo.algorithm != "ppo":
+        raise ValueError(f"run_ppo runs ppo.algorithm=ppo, not {config.ppo.algorithm!r} (use stages.rl.run_rl)")
     cfg = config.ppo
     parts = build_components(config, paths)
     state = initial_state(cfg)
     initial = trainable_snapshot(parts.model)
     fingerprint = stage_fingerprints(config)["ppo"]
-    checkpoints, log_path = paths.ppo / "checkpoints", paths.ppo / "log.jsonl"
+    checkpoints, log_file = checkpoints_dir(paths.ppo), log_path(paths.ppo)
     resume = latest_checkpoint(checkpoints, fingerprint)
     resumed_from = 0
     if resume is not None:
         load_checkpoint(resume, parts.model, parts.optimizer, state)
         resumed_from = state.step
-    history = read_log(log_path, upto=resumed_from)
+    history = read_log(log_file, upto=resumed_from)
     healthy = snapshot(parts.model, parts.optimizer, state)
     progress = tqdm(total=cfg.steps, initial=state.step, desc="ppo", unit="step")
     while state.step < cfg.steps:
@@ -286,13 +288,13 @@ def run_ppo(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repor
         state.step += 1
         record = {"step": state.step, "rollbacks": state.rollbacks, **stats}
         history.append(record)
-        append_log(log_path, record)
+        append_log(log_file, record)
         progress.update(1)
         progress.set_postfix(reward=stats.get("reward_mean"), kl=stats.get("kl"))
         checkpoint = None
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             checkpoint = save_checkpoint(checkpoints, parts.model, parts.optimizer, state, fingerprint)
-            prune_checkpoints(checkpoints, keep=2)
+            prune_checkpoints(checkpoints, keep=KEEP_CHECKPOINTS)
         report({f"ppo/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint)
     progress.close()
     return _finish(config, paths, parts, state, initial, history, resumed_from)
@@ -302,18 +304,8 @@ def _finish(config, paths, parts, state, initial, history, resumed_from) -> dict
     largest_change = assert_changed(initial, parts.model, "PPO")
     dtype = str(next(parts.model.parameters()).dtype).replace("torch.", "")
     value_state = parts.model.value_state()
-    merged = merge_in_fp32(parts.model.policy)
-    assert_finite_state(merged.state_dict(), "PPO policy")
-    merged.save_pretrained(paths.ppo / "model", safe_serialization=True)
-    parts.tokenizer.save_pretrained(paths.ppo / "model")
+    save_merged_policy(parts.model.policy, parts.tokenizer, paths.ppo / "model", "PPO policy")
     value_file = "value_head.safetensors" if parts.model.critic is None else "critic.safetensors"
     save_file(value_state, paths.ppo / value_file)
-    return {
-        "steps": state.step,
-        "rollbacks": state.rollbacks,
-        "resumed_from_step": resumed_from,
-        **summarize_log(history),
-        "kl_coef_last": float(state.kl_controller.value),
-        "lora_max_change": largest_change,
-        "dtype": dtype,  # the training dtype; the saved policy is float32
-    }
+    return finish_metrics(state.step, state.rollbacks, resumed_from, history, float(state.kl_controller.value),
+                          largest_change, dtype)  # dtype: the training dtype; the saved policy is float32

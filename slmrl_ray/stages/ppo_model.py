@@ -29,6 +29,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from slmrl_ray.checks import assert_finite_state
 from slmrl_ray.generation import position_ids_from_mask
 from slmrl_ray.rl_math import entropy_from_logits, logprobs_from_logits
 
@@ -146,3 +147,12 @@ def merge_in_fp32(policy: PeftModel) -> nn.Module:
     cast up first (exactly), then the delta is added at full precision.
     """
     return policy.float().merge_and_unload()
+
+
+def save_merged_policy(policy: PeftModel, tokenizer, target, label: str) -> None:
+    """Merge in float32 (`merge_in_fp32`), check every weight is finite, save to `target` with
+    the tokenizer: the policy of the `ppo` stage, whichever algorithm trained it."""
+    merged = merge_in_fp32(policy)
+    assert_finite_state(merged.state_dict(), label)
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)

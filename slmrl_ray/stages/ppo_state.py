@@ -1,5 +1,10 @@
-"""PPO training state: in-memory snapshots for rollback, on-disk checkpoints for resume,
-and the step log (`log.jsonl`) with its summary. PPO and GRPO/RLOO (`trl_rl`) both use it.
+"""The `ppo/` stage folder and the PPO training state: in-memory snapshots for rollback,
+on-disk checkpoints for resume, and the step log with its summary. This module owns the
+folder's format; PPO, GRPO/RLOO (`trl_rl`), the Tune trial and the benchmarks call it:
+
+    ppo/log.jsonl                        one record per step (`append_log`, `read_log`, `load_log`)
+    ppo/checkpoints/step-NNNNNN/         the newest checkpoints (`save_checkpoint`, `adopt_checkpoint`)
+        state.json                       fingerprint, step, counters (+ optimiser metadata for PPO)
 
 The whole training state is one unit: trainable weights (LoRA + value head), optimiser
 state, running score statistics, KL controller, step and rollback counters. A rollback
@@ -22,6 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slmrl_ray.config import PPOConfig
+
+LOG = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+KEEP_CHECKPOINTS = 2
 from slmrl_ray.rl_math import AdaptiveKLController, FixedKLController, RunningMoments
 
 
@@ -98,8 +108,8 @@ def save_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState, fingerprint: str
 ) -> Path:
     """Write `folder/step-XXXXXX` atomically and return it."""
-    target = folder / f"step-{state.step:06d}"
-    scratch = folder / f".step-{state.step:06d}.tmp"
+    target = folder / checkpoint_name(state.step)
+    scratch = folder / f".{checkpoint_name(state.step)}.tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -114,7 +124,7 @@ def save_checkpoint(
         "kl_controller": state.kl_controller.state_dict(),
         "optimizer": optimizer_meta,
     }
-    (scratch / "state.json").write_text(json.dumps(meta, indent=2))
+    (scratch / STATE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
     return target
@@ -124,7 +134,7 @@ def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
     """The newest complete checkpoint written for this config, if any."""
     candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
     for candidate in candidates:
-        meta_path = candidate / "state.json"
+        meta_path = candidate / STATE
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
             return candidate
     return None
@@ -133,7 +143,7 @@ def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: PPOState
 ) -> None:
-    meta = json.loads((path / "state.json").read_text())
+    meta = json.loads((path / STATE).read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in load_file(path / "trainable.safetensors").items():
@@ -151,16 +161,74 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- the stage folder
+
+def log_path(stage_dir: Path) -> Path:
+    return stage_dir / LOG
+
+
+def checkpoints_dir(stage_dir: Path) -> Path:
+    return stage_dir / CHECKPOINTS
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder was written at (its `state.json`)."""
+    return json.loads((checkpoint / STATE).read_text())["step"]
+
+
+def adopt_checkpoint(source: Path, stage_dir: Path, meta: dict) -> Path:
+    """Move a trainer's own checkpoint folder (TRL's) into `checkpoints/step-NNNNNN` with our
+    `state.json` (`meta` holds at least fingerprint and step); keep the newest two."""
+    (source / STATE).write_text(json.dumps(meta, indent=2))
+    target = checkpoints_dir(stage_dir) / checkpoint_name(meta["step"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(source, target)  # the same file system: a complete checkpoint or none
+    prune_checkpoints(target.parent, keep=KEEP_CHECKPOINTS)
+    return target
+
+
+def export_checkpoint(checkpoint: Path, stage_dir: Path, folder: Path) -> None:
+    """Copy a checkpoint and the step log into `folder` (a Tune checkpoint's `ppo/`)."""
+    shutil.copytree(checkpoint, folder / checkpoint.name)
+    if log_path(stage_dir).exists():
+        shutil.copy2(log_path(stage_dir), folder / LOG)
+
+
+def import_checkpoint(folder: Path, stage_dir: Path) -> int:
+    """Put the newest checkpoint in `folder` (written by `export_checkpoint`) and its log where
+    the stage looks on resume; returns its step (0 when `folder` holds none)."""
+    states = sorted(folder.glob("step-*")) if folder.exists() else []
+    if not states:
+        return 0
+    target = checkpoints_dir(stage_dir) / states[-1].name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(states[-1], target)
+    if (folder / LOG).exists():
+        shutil.copy2(folder / LOG, log_path(stage_dir))
+    return checkpoint_step(target)
+
+
 # ----------------------------------------------------------------------------- the step log
 
 def read_log(path: Path, upto: int) -> list[dict]:
     """The per-step log up to `upto`, rewritten so a resumed run does not repeat steps."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r["step"] <= upto]
+    kept = [r for r in load_log(path) if r["step"] <= upto]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def load_log(path: Path) -> list[dict]:
+    """Every record of the step log, as written (nothing is rewritten)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -179,6 +247,20 @@ def summarize_log(history: list[dict]) -> dict:
         "reward_last": _mean(h["reward_mean"] for h in last),
         "kl_last": _mean(h["kl"] for h in last),
         "response_length_last": _mean(h["response_length"] for h in last),
+    }
+
+
+def finish_metrics(steps: int, rollbacks: int, resumed_from: int, history: list[dict], kl_coef_last: float,
+                   lora_max_change: float, dtype: str) -> dict:
+    """The stage's metrics.json figures that PPO and GRPO/RLOO share, in this order."""
+    return {
+        "steps": steps,
+        "rollbacks": rollbacks,
+        "resumed_from_step": resumed_from,
+        **summarize_log(history),
+        "kl_coef_last": kl_coef_last,
+        "lora_max_change": lora_max_change,
+        "dtype": dtype,
     }
 
 

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import random
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
-from trl import RewardConfig as TRLRewardConfig
-from trl import RewardTrainer
+from trl import RewardConfig, RewardTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.data import PreferencePair, load_jsonl
 from slmrl_ray.device import resolve_device
-from slmrl_ray.models import load_reward_model, load_tokenizer
+from slmrl_ray.models import load_reward_model, load_tokenizer, lora_config
 from slmrl_ray.rewards import JUDGE_FOLDER, pipeline_scorer
-from slmrl_ray.scoring import RewardScorer, encode_reward_text
-from slmrl_ray.stages.sft import lora_config, trainer_arguments
+from slmrl_ray.scoring import encode_reward_text, pairwise_accuracy
+from slmrl_ray.stages.sft import trainer_arguments
 
 
 def preference_dataset(pairs: list[PreferencePair], tokenizer, max_length: int) -> Dataset:
@@ -75,33 +73,15 @@ def build_reward_trainer(
     # trial in a reused Ray worker, whose random state has moved on, trains a different model.
     set_seed(config.seed)
     model = load_reward_model(paths.sft / "model", tokenizer, device=device)
-    args = TRLRewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
+    args = RewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
     return RewardTrainer(
         model=model,
         args=args,
         train_dataset=preference_dataset(pairs, tokenizer, cfg.max_length),
         processing_class=tokenizer,
-        peft_config=lora_config(config, "SEQ_CLS"),
+        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, config.lora.dropout,
+                                config.lora.target_modules, "SEQ_CLS"),
     )
-
-
-def pairwise_accuracy(scorer: RewardScorer, pairs: list[PreferencePair]) -> dict:
-    """Held-out accuracy and mean margin on the study's pairs, and apart on the degenerate ones
-    (empty and fragment answers: easy, so they would flatter the study's figure)."""
-    prompts = [p.prompt for p in pairs]
-    chosen = scorer.score(prompts, [p.chosen for p in pairs])
-    rejected = scorer.score(prompts, [p.rejected for p in pairs])
-    margin = chosen - rejected
-    study = torch.tensor([p.kind == "study" for p in pairs], dtype=torch.bool)
-    metrics = {
-        "heldout_accuracy": float((margin[study] > 0).float().mean()),
-        "heldout_margin": float(margin[study].mean()),
-        "heldout_pairs": int(study.sum()),
-    }
-    if (~study).any():
-        metrics["heldout_degenerate_accuracy"] = float((margin[~study] > 0).float().mean())
-        metrics["heldout_degenerate_pairs"] = int((~study).sum())
-    return metrics
 
 
 def train_one(config: PipelineConfig, paths: RunPaths, pairs: list[PreferencePair], name: str) -> dict:

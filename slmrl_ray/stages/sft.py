@@ -12,34 +12,19 @@ import math
 from pathlib import Path
 
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
-from slmrl_ray.config import PipelineConfig
-from slmrl_ray.config import RewardConfig as RewardStageConfig
+from slmrl_ray.config import PipelineConfig, RewardModelConfig
 from slmrl_ray.config import SFTConfig as SFTStageConfig
 from slmrl_ray.data import Document, load_jsonl, sft_text
 from slmrl_ray.device import resolve_device, training_precision
-from slmrl_ray.models import base_model_path, count_parameters, load_causal_lm, load_tokenizer
+from slmrl_ray.models import base_model_path, count_parameters, load_causal_lm, load_tokenizer, lora_config
 
 
-def lora_config(config: PipelineConfig, task_type: str, dropout: float | None = None) -> LoraConfig:
-    """The LoRA of every stage: rank per model, alpha = alpha_per_rank * r (the study: 2r)."""
-    r = config.model_config.lora_r
-    target = config.lora.target_modules
-    return LoraConfig(
-        r=r,
-        lora_alpha=config.lora.alpha_per_rank * r,
-        lora_dropout=config.lora.dropout if dropout is None else dropout,
-        target_modules=target if isinstance(target, str) else list(target),
-        task_type=task_type,
-    )
-
-
-def trainer_arguments(cfg: SFTStageConfig | RewardStageConfig, output_dir: Path, device, seed: int) -> dict:
+def trainer_arguments(cfg: SFTStageConfig | RewardModelConfig, output_dir: Path, device, seed: int) -> dict:
     """The TRL/transformers arguments the SFT and reward stages share."""
     precision = training_precision(cfg.precision, device)
     return dict(
@@ -94,7 +79,8 @@ def build_sft_trainer(config: PipelineConfig, paths: RunPaths) -> SFTTrainer:
         train_dataset=train,
         eval_dataset=heldout,
         processing_class=tokenizer,
-        peft_config=lora_config(config, "CAUSAL_LM"),
+        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, config.lora.dropout,
+                                config.lora.target_modules, "CAUSAL_LM"),
     )
 
 

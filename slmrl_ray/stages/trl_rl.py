@@ -8,7 +8,7 @@ reward is `rewards.build_reward`, called on the decoded completion text, so the 
 model sees exactly the format (and EOS) it was trained on; the stage writes `ppo/model`
 (merged, safetensors), `ppo/log.jsonl` (one record per step, PPO's keys) and checkpoints
 in `ppo/checkpoints/step-NNNNNN` (TRL's checkpoint folder plus our `state.json`, which is
-what `tuning.trial.restore_ppo_checkpoint` reads), reported as our PPO reports them.
+written by `ppo_state.adopt_checkpoint`), reported as our PPO reports them.
 
 How `ppo:` maps onto GRPOConfig / RLOOConfig. A "step" stays one rollout as in our PPO;
 TRL counts optimiser updates, so with U = ppo_epochs x rollout_batch_size / mini_batch_size:
@@ -47,9 +47,7 @@ Where it departs from our PPO, and why (TRL's algorithms, taken as they are):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -62,22 +60,24 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report, stage_fingerprints
-from slmrl_ray.checks import assert_changed, assert_finite_state, assert_responses_nonempty, trainable_snapshot
+from slmrl_ray.checks import assert_changed, assert_responses_nonempty, trainable_snapshot
 from slmrl_ray.config import PipelineConfig, PPOConfig
 from slmrl_ray.data import PreferencePair, load_jsonl, ppo_prompts
 from slmrl_ray.device import ppo_dtype, resolve_device
-from slmrl_ray.models import count_parameters, load_causal_lm, load_tokenizer
+from slmrl_ray.models import count_parameters, load_causal_lm, load_tokenizer, lora_config
 from slmrl_ray.rewards import MixedReward, build_reward
-from slmrl_ray.stages.ppo_model import merge_in_fp32
+from slmrl_ray.stages.ppo_model import save_merged_policy
 from slmrl_ray.stages.ppo_state import (
     PPODivergedError,
+    adopt_checkpoint,
     append_log,
+    checkpoint_step,
+    checkpoints_dir,
+    finish_metrics,
     latest_checkpoint,
-    prune_checkpoints,
+    log_path,
     read_log,
-    summarize_log,
 )
-from slmrl_ray.stages.sft import lora_config
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
@@ -192,7 +192,7 @@ class StepRecorder(TrainerCallback):
         if not all(math.isfinite(record[k]) for k in ("policy_loss", "grad_norm", "entropy")):
             raise PPODivergedError(f"non-finite loss or gradient at step {record['step']} (no rollback in TRL)")
         self.history.append(record)
-        append_log(self.paths.ppo / "log.jsonl", record)
+        append_log(log_path(self.paths.ppo), record)
         self.progress.update(1)
         self.progress.set_postfix(reward=record["reward_mean"], kl=record["kl"])
         if control.should_save:  # report once, with the checkpoint, from on_save
@@ -206,12 +206,7 @@ class StepRecorder(TrainerCallback):
         source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         meta = {"fingerprint": self.fingerprint, "step": step, "rollbacks": 0,
                 "algorithm": self.cfg.algorithm, "trainer_step": state.global_step}
-        (source / "state.json").write_text(json.dumps(meta, indent=2))
-        target = self.paths.ppo / "checkpoints" / f"step-{step:06d}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(source, target)  # the same file system: a complete checkpoint or none
-        prune_checkpoints(target.parent, keep=2)
+        target = adopt_checkpoint(source, self.paths.ppo, meta)
         self.report(_metrics(record) if record else {"ppo/step": step}, target)
 
     def close(self) -> None:
@@ -225,20 +220,21 @@ def run_trl_rl(config: PipelineConfig, paths: RunPaths, report: Reporter = no_re
     model = load_causal_lm(paths.sft / "model", tokenizer, device=device)
     dtype = ppo_dtype(cfg.precision, count_parameters(model), device, cfg.fp32_below_params)
     model.to(dtype)
-    reward = TRLReward(build_reward(config.rewards, config, paths.reward, device, dtype), cfg.max_empty_fraction)
+    reward = TRLReward(build_reward(config.rewards, config.reward, paths.reward, device, dtype), cfg.max_empty_fraction)
     prompts = ppo_prompts(load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair))
     set_seed(config.seed)  # the fresh LoRA's init, whatever this process ran before
     fingerprint = stage_fingerprints(config)["ppo"]
-    resume = latest_checkpoint(paths.ppo / "checkpoints", fingerprint)
-    resumed_from = json.loads((resume / "state.json").read_text())["step"] if resume is not None else 0
-    history = read_log(paths.ppo / "log.jsonl", upto=resumed_from)
+    resume = latest_checkpoint(checkpoints_dir(paths.ppo), fingerprint)
+    resumed_from = checkpoint_step(resume) if resume is not None else 0
+    history = read_log(log_path(paths.ppo), upto=resumed_from)
     trainer = TRAINERS[cfg.algorithm](
         model=model,
         reward_funcs=reward,
         args=trl_arguments(config, paths.ppo / "trainer", device, dtype),
         train_dataset=prompt_dataset(prompts, tokenizer, cfg.max_prompt_length),
         processing_class=tokenizer,
-        peft_config=lora_config(config, "CAUSAL_LM", dropout=0.0),
+        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, 0.0,
+                                config.lora.target_modules, "CAUSAL_LM"),
     )
     trainer.remove_callback(PrinterCallback)
     recorder = StepRecorder(cfg, reward, paths, fingerprint, report, history, resumed_from)
@@ -257,20 +253,12 @@ def _finish(config, paths, trainer, tokenizer, initial, history, resumed_from, r
     cfg = config.ppo
     largest_change = assert_changed(initial, trainer.model, cfg.algorithm.upper())
     dtype = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
-    merged = merge_in_fp32(trainer.model)
-    assert_finite_state(merged.state_dict(), f"{cfg.algorithm.upper()} policy")
-    merged.save_pretrained(paths.ppo / "model", safe_serialization=True)
-    tokenizer.save_pretrained(paths.ppo / "model")
+    save_merged_policy(trainer.model, tokenizer, paths.ppo / "model", f"{cfg.algorithm.upper()} policy")
     shutil.rmtree(paths.ppo / "trainer", ignore_errors=True)  # its checkpoints were moved out
+    steps = trainer.state.global_step // updates_per_rollout(cfg)
     return {
         "algorithm": cfg.algorithm,
-        "steps": trainer.state.global_step // updates_per_rollout(cfg),
-        "rollbacks": 0,
-        "resumed_from_step": resumed_from,
-        **summarize_log(history),
-        "kl_coef_last": cfg.init_kl_coef,
-        "lora_max_change": largest_change,
-        "dtype": dtype,
+        **finish_metrics(steps, 0, resumed_from, history, cfg.init_kl_coef, largest_change, dtype),
         "train_runtime_s": float(runtime),  # this attempt's optimisation loop
     }
 

@@ -1,6 +1,6 @@
 """The Ray Tune driver: a grid over cells, an Optuna search per cell, resume, and the report.
 
-Storage layout, under `<storage_path>/<name>/` (any URI `slmrl_ray.tuning.storage` takes):
+Storage layout, under `<storage_path>/<name>/` (any URI `slmrl_ray.storage` takes):
 
     experiment.json            what was asked (kind + the tune config): `resume` needs only this
     artifacts/                 finished stage folders by fingerprint (unless `artifacts_path`)
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from slmrl_ray.config import ConfigError
+from slmrl_ray.storage import ArtifactStore, Storage, artifacts_storage, parent_uri
 from slmrl_ray.tuning.config import SEARCHED_KEYS, ExperimentError, TuneExperiment, experiment_from_dict
-from slmrl_ray.tuning.storage import ArtifactStore, Storage, parent_uri
 
 MANIFEST = "experiment.json"
 UPSTREAM = ("data", "sft", "reward")
@@ -44,11 +44,6 @@ class Phase:
 
 def experiment_root(experiment: TuneExperiment) -> Storage:
     return Storage.from_uri(experiment.config.storage_uri).child(experiment.config.name)
-
-
-def artifacts_storage(experiment: TuneExperiment, root: Storage) -> Storage:
-    custom = experiment.config.artifacts_path
-    return Storage.from_uri(custom) if custom else root.child("artifacts")
 
 
 def phases(experiment: TuneExperiment, kind: str) -> list[Phase]:
@@ -215,7 +210,7 @@ def run_experiment(experiment: TuneExperiment, kind: str, log: Callable[[str], N
         raise ConfigError("search: a `search` section is required for `slmrl-ray search`")
     root = experiment_root(experiment)
     write_manifest(experiment, kind, root)
-    artifacts = artifacts_storage(experiment, root)
+    artifacts = artifacts_storage(root, experiment.config.artifacts_path)
     init_ray(experiment)
     errors: list[str] = []
     for index, phase in enumerate(phases(experiment, kind)):
@@ -269,4 +264,4 @@ def write_report(root: Storage, log: Callable[[str], None] = print) -> dict:
 def stage_executions(root: Storage) -> list[dict]:
     """Every recorded stage execution of the experiment at `root` (see `ArtifactStore.executions`)."""
     custom = root.child(MANIFEST).read_json()["tune_config"].get("artifacts_path")
-    return ArtifactStore(Storage.from_uri(custom) if custom else root.child("artifacts")).executions()
+    return ArtifactStore(artifacts_storage(root, custom)).executions()

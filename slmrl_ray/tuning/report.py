@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from slmrl_ray.pipeline import CONFIRMED_MAX_KL, results_row
-from slmrl_ray.tuning.storage import join_uri
+from slmrl_ray.storage import join_uri
 
 MODEL_ORDER = ("pythia-70m", "pythia-160m", "pythia-410m", "smollm2-135m", "smollm2-360m")
 CORPUS_ORDER = ("tinystories", "cnn_dailymail", "wikitext")

@@ -18,7 +18,6 @@ When the cell is done, its record (metrics, artifact URIs, params, objective) go
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,12 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slmrl_ray.artifacts import RunPaths, read_json, stage_fingerprints, write_json
+from slmrl_ray.artifacts import RunPaths, stage_fingerprints, write_json
 from slmrl_ray.config import PipelineConfig
+from slmrl_ray.stages.ppo_state import (
+    NonFiniteError,
+    PPODivergedError,
+    export_checkpoint,
+    import_checkpoint,
+    load_log,
+    log_path,
+)
+from slmrl_ray.storage import ArtifactStore, Storage
 from slmrl_ray.tuning.config import Objective, TuneExperiment
-from slmrl_ray.tuning.storage import ArtifactStore, Storage
-
-PPO_LOG = "log.jsonl"
 
 
 class InjectedFault(RuntimeError):
@@ -54,16 +59,7 @@ def scratch_dir(experiment: str, trial_id: str) -> Path:
 
 def restore_ppo_checkpoint(checkpoint_dir: Path, paths: RunPaths) -> int:
     """Put a Tune checkpoint's PPO state and log where `run_ppo` looks; returns its step."""
-    ppo_dir = checkpoint_dir / "ppo"
-    states = sorted(ppo_dir.glob("step-*")) if ppo_dir.exists() else []
-    if not states:
-        return 0
-    target = paths.ppo / "checkpoints" / states[-1].name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(states[-1], target)
-    if (ppo_dir / PPO_LOG).exists():
-        shutil.copy2(ppo_dir / PPO_LOG, paths.ppo / PPO_LOG)
-    return read_json(target / "state.json")["step"]
+    return import_checkpoint(checkpoint_dir / "ppo", paths.ppo)
 
 
 class ObjectiveTracker:
@@ -81,12 +77,10 @@ class ObjectiveTracker:
 
     def load_log(self, log_path: Path) -> None:
         """After a resume: the steps before the checkpoint, from PPO's own log."""
-        if log_path.exists():
-            for line in log_path.read_text().splitlines():
-                record = json.loads(line)
-                if "reward_mean" in record:
-                    self.rewards.append(record["reward_mean"])
-                    self.kls.append(record["kl"])
+        for record in load_log(log_path):
+            if "reward_mean" in record:
+                self.rewards.append(record["reward_mean"])
+                self.kls.append(record["kl"])
 
     def running(self) -> dict[str, float]:
         window = self.objective.window
@@ -149,19 +143,17 @@ class TuneReporter:
         self._count += 1
         write_json(folder / "progress.json", {"stages_done": self.stages_done, "sequence": self._count})
         if ppo_state is not None:
-            shutil.copytree(ppo_state, folder / "ppo" / ppo_state.name)
-            if (self.paths.ppo / PPO_LOG).exists():
-                shutil.copy2(self.paths.ppo / PPO_LOG, folder / "ppo" / PPO_LOG)
+            export_checkpoint(ppo_state, self.paths.ppo, folder / "ppo")
 
 
 def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
                stages: tuple[str, ...], storage_uri: str, artifacts_uri: str) -> None:
     """The Tune function trainable: `params` holds the cell and, in a search, the sampled values."""
+    import ray
     import torch
     from ray import tune
 
     from slmrl_ray.pipeline import run_pipeline
-    from slmrl_ray.stages.ppo_state import NonFiniteError, PPODivergedError
 
     context = tune.get_context()
     trial_id, cell = context.get_trial_id(), params["cell"]
@@ -171,7 +163,7 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
     config = experiment.cell_config(cell, sampled, output_dir=str(scratch))
     paths = RunPaths.for_config(config)
     paths.root.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(Storage.from_uri(artifacts_uri), who=trial_id)
+    store = ArtifactStore(Storage.from_uri(artifacts_uri), who=trial_id, node=ray.get_runtime_context().get_node_id())
 
     resumed_step = 0
     checkpoint = tune.get_checkpoint()
@@ -182,7 +174,7 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
     crash = faults.crash_at_ppo_step if checkpoint is None and (not faults.cells or cell in faults.cells) else None
     tracker = ObjectiveTracker(experiment.config.search.objective) if kind == "search" else None
     if tracker is not None:
-        tracker.load_log(paths.ppo / PPO_LOG)
+        tracker.load_log(log_path(paths.ppo))
     reporter = TuneReporter(paths, tracker, cell, crash)
     record = CellRecord(experiment.config.name, kind, trial_id, config, store, sampled, resumed_step)
 

@@ -1,12 +1,14 @@
-"""Serving benchmark: the Ray Serve application against the naive one-process server.
+"""`slmrl-ray bench serve`: the Ray Serve application against the naive one-process server.
 
-    python -m slmrl_ray.serving.bench --registry ~/slmrl_ray_results/tiny-grid \\
+    slmrl-ray bench serve --registry ~/slmrl_ray_results/tiny-grid \\
         --cell pythia-70m/tinystories --out serve_bench.json
+    python -m slmrl_ray.bench.serve ...     (the same)
 
 For each server in turn (never both at once: they share the CPU), completions
 (`max_tokens` new tokens, sampled) and rewards (one pair per request) are sent at
 concurrency 1, 8 and 32; printed: requests/s and p50/p99 latency, and the Serve/naive
 ratios. Figures are for the machine it runs on, which the JSON records with the settings.
+The naive server is `bench.naive`; the Ray side is `serving.launch.local_app`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
 
-import httpx
+from slmrl_ray.bench.common import format_table, machine
 
 CONCURRENCY = (1, 8, 32)
 PROMPT = "Once upon a time, a little girl named Lily"
@@ -40,6 +40,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _drive(url: str, body: dict, requests: int, concurrency: int) -> dict:
+    import httpx
+
     latencies: list[float] = []
     failures = 0
     gate = asyncio.Semaphore(concurrency)
@@ -73,6 +75,8 @@ def _measure(base: str, model: str | None, reward: str | None, args) -> dict:
 
 
 def _wait_ready(url: str, timeout: float = 180) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,7 +90,7 @@ def _wait_ready(url: str, timeout: float = 180) -> None:
 
 def bench_naive(policy_uri: str, reward_uri: str, args) -> dict:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "slmrl_ray.serving.naive", "--policy", policy_uri,
+    server = subprocess.Popen([sys.executable, "-m", "slmrl_ray.bench.naive", "--policy", policy_uri,
                                "--reward", reward_uri, "--port", str(port)])
     try:
         _wait_ready(f"http://127.0.0.1:{port}/docs")
@@ -97,44 +101,35 @@ def bench_naive(policy_uri: str, reward_uri: str, args) -> dict:
 
 
 def bench_serve(cell: str, args) -> dict:
-    import ray
-    from ray import serve
+    from slmrl_ray.serving.launch import local_app
 
-    from slmrl_ray.serving.app import build_app
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"registry": args.registry, "cells": [cell], "stages": ["ppo"], "device": "cpu",
                 "policy": {"num_replicas": args.policy_replicas, "num_cpus": 0.5, "max_ongoing_requests": 64,
                            "max_queued_requests": 1024, "max_batch_size": 32},
                 "reward": {"num_cpus": 0.5, "max_batch_size": 32, "max_ongoing_requests": 64,
                            "max_queued_requests": 1024},
                 "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 1024}}
-    serve.run(build_app(app_args), name="slmrl", route_prefix="/")
-    try:
-        return _measure(f"http://127.0.0.1:{port}", f"ppo/{cell}", f"reward/{cell}", args)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_app(app_args, port) as url:
+        return _measure(url, f"ppo/{cell}", f"reward/{cell}", args)
 
 
-def format_table(naive: dict, served: dict) -> str:
-    lines = ["| route | concurrency | naive req/s | Serve req/s | ratio | naive p50/p99 ms | Serve p50/p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+def comparison_rows(naive: dict, served: dict) -> list[dict]:
+    """One row per route and concurrency: both servers' rates and latencies, formatted for the table."""
+    rows = []
     for route in ("completions", "rewards"):
         for base, ours in zip(naive[route], served[route]):
-            lines.append(
-                f"| {route} | {base['concurrency']} | {base['throughput_rps']:.1f} | {ours['throughput_rps']:.1f} | "
-                f"{ours['throughput_rps'] / base['throughput_rps']:.2f}x | {base['p50_ms']:.0f}/{base['p99_ms']:.0f} | "
-                f"{ours['p50_ms']:.0f}/{ours['p99_ms']:.0f} |")
-    return "\n".join(lines)
+            rows.append({
+                "route": route, "concurrency": base["concurrency"],
+                "naive req/s": f"{base['throughput_rps']:.1f}", "Serve req/s": f"{ours['throughput_rps']:.1f}",
+                "ratio": f"{ours['throughput_rps'] / base['throughput_rps']:.2f}x",
+                "naive p50/p99 ms": f"{base['p50_ms']:.0f}/{base['p99_ms']:.0f}",
+                "Serve p50/p99 ms": f"{ours['p50_ms']:.0f}/{ours['p99_ms']:.0f}",
+            })
+    return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    from slmrl_ray.serving.config import parse_args, build_catalog
-
-    parser = argparse.ArgumentParser(description="Ray Serve vs a naive one-process server")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", required=True, help="registry.json, or an experiment folder or URI")
     parser.add_argument("--cell", default="pythia-70m/tinystories")
     parser.add_argument("--completions", type=int, default=64, help="completion requests per concurrency level")
@@ -142,20 +137,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policy-replicas", type=int, default=1)
     parser.add_argument("--out", default="serve_bench.json")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slmrl_ray.serving.config import build_catalog, parse_args
+
     catalog = build_catalog(parse_args({"registry": args.registry, "cells": [args.cell], "stages": ["ppo"]}))
     naive = bench_naive(catalog[f"ppo/{args.cell}"].stage_uri, catalog[f"reward/{args.cell}"].stage_uri, args)
     served = bench_serve(args.cell, args)
-    table = format_table(naive, served)
-    print(table)
-    import torch
-
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    print(format_table(comparison_rows(naive, served)))
+    settings = {key: value for key, value in vars(args).items() if key not in ("command", "target", "func")}
+    recorded = machine()
     with open(args.out, "w") as handle:
-        json.dump({"machine": machine, "settings": vars(args), "naive": naive, "serve": served}, handle, indent=2)
-    print(f"\n{machine}\nwritten: {args.out}")
+        json.dump({"machine": recorded, "settings": settings, "naive": naive, "serve": served}, handle, indent=2)
+    print(f"\n{recorded}\nwritten: {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Ray Serve vs a naive one-process server")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

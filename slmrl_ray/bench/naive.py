@@ -1,11 +1,11 @@
 """The serving baseline: one FastAPI process, one policy and one reward model, one request at a time.
 
 This is how the original study served (a single process around `generate`), kept only as
-the baseline of the serving benchmark (`python -m slmrl_ray.serving.bench`). It reuses
+the baseline of the serving benchmark (`slmrl-ray bench serve`, `slmrl_ray.bench.serve`). It reuses
 the same runners as the Ray Serve deployments, so the comparison measures serving, not
 model code. Run alone:
 
-    python -m slmrl_ray.serving.naive --policy PATH_OR_URI --reward PATH_OR_URI --port 8100
+    python -m slmrl_ray.bench.naive --policy PATH_OR_URI --reward PATH_OR_URI --port 8100
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from slmrl_ray.serving.config import ServedModel
 from slmrl_ray.serving.runners import PolicyRunner, RewardRunner, Sampling
+from slmrl_ray.storage import join_uri
 
 
 class _Completion(BaseModel):
@@ -37,8 +38,6 @@ class _Rewards(BaseModel):
 
 
 def _served(stage_uri: str, stage: str) -> ServedModel:
-    from slmrl_ray.tuning.storage import join_uri
-
     return ServedModel(f"{stage}/naive", stage, "naive", join_uri(stage_uri, "model"), stage_uri, "unknown")
 
 

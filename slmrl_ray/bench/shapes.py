@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from slmrl_ray.bench.common import format_table, machine
+from slmrl_ray.bench.stages import bench_stages
 from slmrl_ray.config import PipelineConfig, apply_overrides, config_from_dict, fingerprint, load_raw, preset_path
 
 # The hub config.json values that set the cost of each study model (SPEC 1).
@@ -109,7 +111,7 @@ def full_size_dir(key: str, cache_dir: Path) -> Path:
     """A random-weight full-size model and its tokenizer, saved like a hub snapshot (cached)."""
     from transformers import AutoModelForCausalLM
 
-    from slmrl_ray.tiny import save_snapshot
+    from slmrl_ray.model_cache import save_snapshot
 
     target = cache_dir / "full-size" / f"{key}-{fingerprint(FULL_SIZE[key])}"
     if (target / "model.safetensors").exists():
@@ -243,9 +245,8 @@ def model_row(key: str, stages: dict, folder: Path, config: PipelineConfig, peak
 def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: float | None = None,
                  cache_dir: Path | None = None) -> dict:
     """Measure each full-size model's stages, then project the paper grid from the rates."""
-    from slmrl_ray.bench import bench_stages, machine
     from slmrl_ray.config import load_config, to_dict
-    from slmrl_ray.tiny import default_cache_dir
+    from slmrl_ray.model_cache import default_cache_dir
 
     cache_dir = cache_dir or default_cache_dir()
     peak = peak_tflops * 1e12 if peak_tflops else peak_bf16_flops(machine()["device"])
@@ -267,8 +268,6 @@ def bench_shapes(models: list[str], overrides: list[str] = (), peak_tflops: floa
 
 def format_projection(projection: dict) -> str:
     """The projected paper grid as markdown: one row per configuration, then the totals."""
-    from slmrl_ray.bench import format_table
-
     low, high = projection["study_a6000_grid_hours"]
     lines = [
         "\nprojected paper recipe per configuration (minutes, this device, one trial at a time):",

@@ -150,12 +150,19 @@ class Storage:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def artifacts_storage(root: Storage, artifacts_path: str | None) -> Storage:
+    """Where an experiment at `root` keeps its finished stages: `artifacts_path` (a tune config's,
+    to share them between experiments) or `<root>/artifacts`."""
+    return Storage.from_uri(artifacts_path) if artifacts_path else root.child("artifacts")
+
+
 class ArtifactStore:
     """Finished stage folders in storage, keyed by fingerprint; see the module docstring."""
 
-    def __init__(self, root: Storage, who: str = "") -> None:
+    def __init__(self, root: Storage, who: str = "", node: str | None = None) -> None:
         self.root = root
         self.who = who  # recorded with each execution (a trial id)
+        self.node = node or socket.gethostname()  # and where it ran (a Tune trial passes its Ray node)
 
     def stage_location(self, config: PipelineConfig, stage: str) -> Storage:
         return self.root.child(config.model, config.corpus, stage, stage_fingerprints(config)[stage])
@@ -179,7 +186,7 @@ class ArtifactStore:
             "stage": stage,
             "fingerprint": stage_fingerprints(config)[stage],
             "trial_id": self.who,
-            "node": node_id(),
+            "node": self.node,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": time.time(),
@@ -197,16 +204,4 @@ class ArtifactStore:
                 for name in folder.child(model, corpus).list():
                     records.append(folder.child(model, corpus, name).read_json())
         return sorted(records, key=lambda r: r["started_at"])
-
-
-def node_id() -> str:
-    """The Ray node this process runs on, when inside Ray; the host name otherwise."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
-    return socket.gethostname()
 

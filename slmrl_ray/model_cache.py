@@ -1,0 +1,31 @@
+"""The local model cache: its folder and the atomic save of a model snapshot into it.
+
+The tiny preset's models (`tiny`), converted GGUF files (`gguf_source`) and the benchmark's
+full-size random models (`bench.shapes`) are built once, saved like hub snapshots here, and
+loaded back through `slmrl_ray.models` like any hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SLMRL_RAY_CACHE", Path.home() / ".cache" / "slmrl_ray"))
+
+
+def save_snapshot(model, tokenizer, target: Path) -> None:
+    """Save like a hub snapshot into a scratch folder, then rename it to `target`: a crash
+    never leaves a half-written cache entry, and a process losing the race keeps the winner's."""
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    try:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        os.replace(scratch, target)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not (target / "model.safetensors").exists():  # not another process winning the race
+            raise
