@@ -27,12 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slmrl_ray.config import PPOConfig
+from slmrl_ray.rl_math import AdaptiveKLController, FixedKLController, RunningMoments
 
 LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 KEEP_CHECKPOINTS = 2
-from slmrl_ray.rl_math import AdaptiveKLController, FixedKLController, RunningMoments
 
 
 class NonFiniteError(RuntimeError):
