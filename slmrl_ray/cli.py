@@ -152,7 +152,7 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     from slmrl_ray.bench.common import report
     from slmrl_ray.bench.stages import bench_stages
 
-    report("stages", bench_stages(config), to_dict(config), args.out)
+    report("stages", bench_stages(config, keep=args.keep_run), to_dict(config), args.out)
     return 0
 
 
@@ -207,6 +207,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def _add_stage_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--out", help=f"JSON output (default bench_{name}.json)")
+    if name == "stages":
+        parser.add_argument("--keep-run", action="store_true",
+                            help="run in --output-dir (or the config's output_dir) and keep the run, instead of a "
+                            "temporary folder; the cell's folder there must be empty")
     if name == "rollout":
         parser.add_argument("--repeats", type=int, default=5)
     if name == "rl":

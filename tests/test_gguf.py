@@ -40,17 +40,6 @@ GGUF_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def gguf_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gguf-cache")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(gguf_cache) -> Path:
-    """The packaged SmolLM2 converted once for the session."""
-    return gguf_snapshot_dir(gguf_path(SMOLLM2), gguf_cache)
-
-
 @pytest.fixture(scope="module")  # 540 MB of weights: released after this file
 def smollm2(smollm2_dir):
     """(model, tokenizer) as the stages load them: pad token added, embeddings resized."""

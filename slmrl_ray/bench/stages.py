@@ -3,6 +3,7 @@ against GRPO/RLOO (what each measures: the `slmrl_ray.bench` docstring)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import tempfile
@@ -10,16 +11,24 @@ import time
 
 from slmrl_ray.artifacts import RunPaths, read_json
 from slmrl_ray.bench.common import mean, peak_memory_mb
-from slmrl_ray.config import PipelineConfig
+from slmrl_ray.config import ConfigError, PipelineConfig
 from slmrl_ray.stages.ppo_state import initial_state, load_log, log_path
 
 
-def bench_stages(config: PipelineConfig) -> dict:
-    """Run every stage once for `config` (from scratch) and measure each."""
+def bench_stages(config: PipelineConfig, keep: bool = False) -> dict:
+    """Run every stage once for `config` (from scratch) and measure each: in a temporary folder,
+    or with `keep` in the config's `output_dir`, which must not hold this cell's run yet (a
+    finished stage there would be skipped, not measured)."""
     from slmrl_ray.pipeline import run_pipeline
 
-    with tempfile.TemporaryDirectory(prefix="slmrl-bench-") as folder:
-        config = dataclasses.replace(config, output_dir=folder)
+    with contextlib.ExitStack() as cleanup:
+        if keep:
+            root = RunPaths.for_config(config).root
+            if root.exists() and any(root.iterdir()):
+                raise ConfigError(f"{root} is not empty: bench stages measures every stage from scratch")
+        else:
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="slmrl-bench-"))
+            config = dataclasses.replace(config, output_dir=folder)
         results = run_pipeline(config, log=lambda line: None)
         paths = RunPaths.for_config(config)
         wall = {stage: read_json(paths.stage(stage) / "stage.json")["wall_time_s"] for stage in results}

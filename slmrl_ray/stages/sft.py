@@ -42,6 +42,9 @@ def trainer_arguments(cfg: SFTStageConfig | RewardModelConfig, output_dir: Path,
         gradient_checkpointing=cfg.gradient_checkpointing,
         save_strategy="no",
         report_to="none",
+        # A progress bar per stage: transformers hides it when its logger is quieter than
+        # WARN, which `slmrl-ray run` sets to keep load reports out of the output.
+        disable_tqdm=False,
         logging_steps=max(1, cfg.max_steps // 10) if cfg.max_steps > 0 else 10,
         seed=seed,
     )
