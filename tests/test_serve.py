@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -19,23 +18,13 @@ LIMITS = {"max_prompt_tokens": 64, "max_tokens": 32, "max_n": 4, "max_reward_pai
           "max_body_bytes": 4096, "request_timeout_s": 60}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(neox_run, llama_run):
     return {f"{config.model}/{config.corpus}": (config, paths) for config, paths, _ in (neox_run, llama_run)}
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, runs):
-    from ray import serve
-
-    from slmrl_ray.serving.app import build_app
-
+def server(serve_application, runs):
     artifacts = [{"cell": cell, "stage": stage, "uri": str(paths.stage(stage))}
                  for cell, (_, paths) in runs.items() for stage in ("sft", "ppo", "reward")]
     args = {
@@ -47,11 +36,7 @@ def server(ray_cluster, runs):
                    "max_ongoing_requests": 64},
         "ingress": {"num_cpus": 0.25},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="slmrl", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return serve_application(args, "slmrl")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import importlib.util
 import io
 import json
 import math
-import socket
 
 import httpx
 import pytest
@@ -90,18 +89,8 @@ def test_each_stage_of_the_real_model_did_its_job(smol_run):
 # ------------------------------------------------------------------ serving the real model
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_cluster, smol_run):
-    from ray import serve
-
-    from slmrl_ray.serving.app import build_app
-
+def server(serve_application, smol_run):
     _, paths, _ = smol_run
     artifacts = [{"cell": CELL, "stage": stage, "uri": str(paths.stage(stage))} for stage in ("sft", "ppo", "reward")]
     args = {
@@ -111,11 +100,7 @@ def server(ray_cluster, smol_run):
         "reward": {"num_cpus": 0.25},
         "ingress": {"num_cpus": 0.25},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="slmrl-smol", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return serve_application(args, "slmrl-smol")
 
 
 @pytest.fixture(scope="module")
