@@ -47,14 +47,15 @@ class StageStore(Protocol):
 
     `fetch` copies a finished stage with this config's fingerprint into `paths` (False
     when there is none), `started` records that this process is about to run a stage,
-    and `publish` uploads a finished stage folder.
+    and `publish` uploads and commits a finished stage folder (False when another
+    writer committed the same fingerprint first: its stage is the one to continue from).
     """
 
     def fetch(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool: ...
 
     def started(self, stage: str, config: PipelineConfig) -> None: ...
 
-    def publish(self, paths: RunPaths, stage: str, config: PipelineConfig) -> None: ...
+    def publish(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool: ...
 
 
 def run_pipeline(
@@ -84,10 +85,11 @@ def run_pipeline(
             metrics = stage_function(stage)(config, paths, report)
             elapsed = time.perf_counter() - started
             mark_stage_done(paths, stage, config, metrics, elapsed)
-            if store is not None:
-                store.publish(paths, stage, config)
             executed = True
             log(f"[{stage}] finished in {elapsed:.1f} s")
+            if store is not None and not store.publish(paths, stage, config):
+                store.fetch(paths, stage, config)  # what every other trial sees
+                log(f"[{stage}] another trial published it first; continuing from theirs")
         results[stage] = read_json(paths.stage(stage) / "metrics.json")
         report({"stage_done": stage, "stage_executed": executed, f"{stage}/wall_time_s": elapsed})
     return results

@@ -13,15 +13,30 @@ needs a stage with the same fingerprint fetches it instead of running it. That i
 search runs SFT and the reward model once per cell, and how a retried trial never repeats
 a finished stage. Each stage execution also leaves a small record under `_executions/`,
 so what ran where (and how often) can be counted afterwards.
+
+Publishing is a commit, safe against any number of writers:
+
+    <fingerprint>/attempts/<attempt>/   one writer's upload, never shared with another
+    <fingerprint>/stage.json            the commit: which attempt, and every file's size and sha256
+
+A writer uploads into its own attempt folder and then creates `stage.json` exclusively
+(`O_EXCL`-style: a hard link locally, `If-None-Match: *` on S3). The first writer wins; a
+later one deletes its attempt and takes the winner's. A writer killed midway leaves an
+attempt without a commit, which nothing reads. A fetch checks every file against the commit.
+
+`DriverLease` keeps a second driver off a running experiment: a lease file, renewed while
+its holder lives, that another driver may take only once it has expired.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +50,12 @@ from slmrl_ray.config import PipelineConfig
 
 # PPO checkpoints travel as Tune checkpoints; the published stage keeps only the result.
 UNPUBLISHED = ("checkpoints",)
-MARKER = "stage.json"  # written last locally, uploaded last: its presence means "complete"
+MARKER = "stage.json"  # a stage folder's marker; in storage, the commit naming the attempt
+ATTEMPTS = "attempts"
+
+
+class ArtifactError(RuntimeError):
+    """A committed stage whose files do not match its commit, or a path that leaves the store."""
 
 
 def join_uri(uri: str, *parts: str) -> str:
@@ -116,6 +136,41 @@ class Storage:
     def write_json(self, payload) -> None:
         self.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
 
+    def create_exclusive(self, text: str) -> bool:
+        """Create this file with `text` only if it does not exist yet; False when it did.
+
+        Atomic against every other writer: locally a hard link of a finished scratch
+        file (fails on an existing name, so a reader never sees a half-written file),
+        on S3 a conditional put (`If-None-Match: *`). Other object stores have no
+        portable precondition in pyarrow: there it is check-then-write.
+        """
+        parent = self.path.rsplit("/", 1)[0]
+        self.filesystem.create_dir(parent, recursive=True)
+        if self.is_local:
+            scratch = Path(parent) / f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp"
+            scratch.write_text(text)
+            try:
+                os.link(scratch, self.path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                scratch.unlink()
+        if self.filesystem.type_name == "s3":
+            return _s3_put_if_absent(self, text.encode())
+        if self.exists():
+            return False
+        self.write_text(text)
+        return True
+
+    def delete(self) -> None:
+        """Remove this file or folder (nothing happens when it is absent)."""
+        info = self._info(self.path)
+        if info.type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.filesystem.delete_file(self.path)
+
     def list(self) -> list[str]:
         """Names directly under this location (empty when it does not exist)."""
         selector = pafs.FileSelector(self.path, allow_not_found=True)
@@ -150,6 +205,43 @@ class Storage:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _s3_put_if_absent(place: Storage, body: bytes) -> bool:
+    """S3's conditional put (pyarrow has none): boto3 with the URI's endpoint, scheme and region."""
+    import boto3
+    from botocore.exceptions import ClientError
+    from urllib.parse import parse_qs
+
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(place.uri).query).items()}
+    endpoint = query.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"))
+    bucket, _, key = place.path.partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        return True
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+
+
+def file_digests(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Relative path -> size and sha256 of every file under `folder`."""
+    folder = Path(folder)
+    digests = {}
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if not file.is_file() or set(relative.parts) & set(exclude):
+            continue
+        sha = hashlib.sha256()
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                sha.update(block)
+        digests[relative.as_posix()] = {"size": file.stat().st_size, "sha256": sha.hexdigest()}
+    return digests
+
+
 def artifacts_storage(root: Storage, artifacts_path: str | None) -> Storage:
     """Where an experiment at `root` keeps its finished stages: `artifacts_path` (a tune config's,
     to share them between experiments) or `<root>/artifacts`."""
@@ -165,17 +257,55 @@ class ArtifactStore:
         self.node = node or socket.gethostname()  # and where it ran (a Tune trial passes its Ray node)
 
     def stage_location(self, config: PipelineConfig, stage: str) -> Storage:
-        return self.root.child(config.model, config.corpus, stage, stage_fingerprints(config)[stage])
+        """The stage's fingerprint folder (its commit and its attempts)."""
+        return self.location(config.model, config.corpus, stage, stage_fingerprints(config)[stage])
+
+    def location(self, model: str, corpus: str, stage: str, fingerprint: str) -> Storage:
+        parts = (model, corpus, stage, fingerprint)
+        if any(not part or part in (".", "..") or "/" in part or "\\" in part or "?" in part for part in parts):
+            raise ArtifactError(f"not a stage in {self.root.uri}: {'/'.join(parts)!r}")
+        return self.root.child(*parts)
+
+    def commit(self, config: PipelineConfig, stage: str) -> dict | None:
+        """The stage's commit (see the module docstring), or None while none is made."""
+        return self._commit(self.stage_location(config, stage), stage_fingerprints(config)[stage])
+
+    def _commit(self, place: Storage, fingerprint: str) -> dict | None:
+        marker = place.child(MARKER)
+        if not marker.is_file():
+            return None
+        commit = marker.read_json()
+        if commit.get("fingerprint") != fingerprint or not isinstance(commit.get("attempt"), str):
+            raise ArtifactError(f"{marker.uri} is not a commit of fingerprint {fingerprint}")
+        return commit
 
     def has(self, config: PipelineConfig, stage: str) -> bool:
-        marker = self.stage_location(config, stage).child(MARKER)
-        return marker.is_file() and marker.read_json().get("fingerprint") == stage_fingerprints(config)[stage]
+        return self.commit(config, stage) is not None
+
+    def committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> Storage:
+        """The folder holding a committed stage's files; an `ArtifactError` when there is none."""
+        place = self.location(model, corpus, stage, fingerprint)
+        commit = self._commit(place, fingerprint)
+        if commit is None:
+            raise ArtifactError(f"no committed {stage} stage at {place.uri}")
+        attempt = commit["attempt"]
+        if not attempt.replace("-", "").isalnum():
+            raise ArtifactError(f"{place.child(MARKER).uri} names an attempt outside its folder: {attempt!r}")
+        return place.child(ATTEMPTS, attempt)
 
     def fetch(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool:
+        """Download the committed stage into `paths` and check it file by file; False when none."""
         if not self.has(config, stage):
             return False
-        self.stage_location(config, stage).download(paths.stage(stage))
+        self.fetch_folder(paths.stage(stage), config.model, config.corpus, stage, stage_fingerprints(config)[stage])
         return True
+
+    def fetch_folder(self, local: Path, model: str, corpus: str, stage: str, fingerprint: str) -> None:
+        """Download a committed stage into `local`, checked against its commit file by file."""
+        source = self.committed(model, corpus, stage, fingerprint)
+        commit = self._commit(self.location(model, corpus, stage, fingerprint), fingerprint)
+        source.download(local)
+        verify(local, commit, source.uri)
 
     def started(self, stage: str, config: PipelineConfig) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -192,8 +322,37 @@ class ArtifactStore:
             "started_at": time.time(),
         })
 
-    def publish(self, paths: RunPaths, stage: str, config: PipelineConfig) -> None:
-        self.stage_location(config, stage).upload(paths.stage(stage), exclude=UNPUBLISHED, last=(MARKER,))
+    def publish(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool:
+        """Upload a finished stage and commit it; False when another writer's commit was first.
+
+        On False the stage in storage is the other writer's: `fetch` it to continue from
+        what every other trial sees.
+        """
+        if self.has(config, stage):
+            return False
+        return self.publish_folder(paths.stage(stage), config.model, config.corpus, stage,
+                                   stage_fingerprints(config)[stage])
+
+    def publish_folder(self, local: Path, model: str, corpus: str, stage: str, fingerprint: str) -> bool:
+        """`publish` for a stage folder named by its place and fingerprint."""
+        place = self.location(model, corpus, stage, fingerprint)
+        attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        files = file_digests(local, exclude=UNPUBLISHED)
+        place.child(ATTEMPTS, attempt).upload(local, exclude=UNPUBLISHED)
+        commit = {
+            "stage": stage,
+            "fingerprint": fingerprint,
+            "attempt": attempt,
+            "files": files,
+            "published_by": self.who,
+            "node": self.node,
+            "host": socket.gethostname(),
+            "published_at": time.time(),
+        }
+        if place.child(MARKER).create_exclusive(json.dumps(commit, indent=2, sort_keys=True)):
+            return True
+        place.child(ATTEMPTS, attempt).delete()  # lost the race: the winner's files are the stage
+        return False
 
     def executions(self) -> list[dict]:
         """Every recorded stage execution, across cells."""
@@ -205,3 +364,99 @@ class ArtifactStore:
                     records.append(folder.child(model, corpus, name).read_json())
         return sorted(records, key=lambda r: r["started_at"])
 
+
+
+def verify(local: Path, commit: dict, source: str) -> None:
+    """Every file a commit lists is in `local` with its size and sha256 (else `ArtifactError`)."""
+    found = file_digests(local)
+    for name, expected in commit["files"].items():
+        if found.get(name) != expected:
+            got = found.get(name)
+            what = "missing" if got is None else f"{got['size']} bytes, sha256 {got['sha256'][:12]}"
+            raise ArtifactError(f"{source}/{name} does not match its commit ({what}; the commit says "
+                                f"{expected['size']} bytes, sha256 {expected['sha256'][:12]})")
+
+
+class LeaseHeld(RuntimeError):
+    """Another live driver holds the experiment."""
+
+
+class DriverLease:
+    """One driver per experiment: `<root>/driver.lease`, renewed every `ttl_s / 3` s while held.
+
+    A second driver finds the lease and refuses, unless it has expired (its holder stopped
+    renewing: killed, or its machine gone) or its holder is a dead process on this host.
+    Taking over deletes the stale lease and races for the exclusive create like anyone.
+    """
+
+    NAME = "driver.lease"
+
+    def __init__(self, root: Storage, ttl_s: float = 60.0, what: str = "driver") -> None:
+        self.place = root.child(self.NAME)
+        self.root = root
+        self.ttl_s = ttl_s
+        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "what": what}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _payload(self) -> str:
+        now = time.time()
+        return json.dumps({**self.holder, "renewed_at": now, "expires_at": now + self.ttl_s}, indent=2)
+
+    def acquire(self) -> "DriverLease":
+        for _ in range(2):
+            if self.place.create_exclusive(self._payload()):
+                self._thread = threading.Thread(target=self._renew, name="slmrl-ray-lease", daemon=True)
+                self._thread.start()
+                return self
+            try:
+                current = self.place.read_json()
+            except (FileNotFoundError, OSError, ValueError):
+                continue  # released (or being replaced) between the two calls
+            if not self._stale(current):
+                left = current.get("expires_at", 0) - time.time()
+                raise LeaseHeld(
+                    f"{self.root.uri} is being run by another {current.get('what', 'driver')} (pid "
+                    f"{current.get('pid')} on {current.get('host')}); two drivers would corrupt it. Wait for "
+                    f"it to finish or stop it; a driver that died frees the experiment {max(left, 0):.0f} s "
+                    f"after its last renewal ({self.place.uri})"
+                )
+            self.place.delete()
+        raise LeaseHeld(f"{self.root.uri}: another driver took the experiment over just now ({self.place.uri})")
+
+    def _stale(self, lease: dict) -> bool:
+        if lease.get("expires_at", 0) < time.time():
+            return True
+        if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if self.place.read_json().get("id") != self.holder["id"]:
+                    return  # expired while we stalled, and taken over: never overwrite the new holder
+                self.place.write_text(self._payload())
+            except (OSError, ValueError):
+                continue  # storage hiccup: the next renewal tries again
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.place.read_json().get("id") == self.holder["id"]:
+                self.place.delete()
+        except (FileNotFoundError, OSError, ValueError):
+            pass
+
+    def __enter__(self) -> "DriverLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

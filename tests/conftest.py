@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports huggingface_hub: offline, and a hub cache the tests control.
@@ -156,3 +157,37 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A moto S3 server on 127.0.0.1 (a real HTTP server, separate process) with one bucket."""
+    import socket
+    import subprocess
+    import sys
+
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    deadline = time.monotonic() + 30
+    while not _reachable(client):
+        assert time.monotonic() < deadline, "the moto server did not come up in 30 s"
+        time.sleep(0.5)
+    client.create_bucket(Bucket="slmrl-test")
+    yield f"s3://slmrl-test/experiments?endpoint_override=127.0.0.1:{port}&scheme=http", client
+    server.terminate()
+    server.wait()
+
+
+def _reachable(client) -> bool:
+    try:
+        client.list_buckets()
+        return True
+    except Exception:  # noqa: BLE001 (not up yet)
+        return False
