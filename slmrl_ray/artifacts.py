@@ -10,6 +10,8 @@ is done for the current config. A rerun skips every stage whose fingerprint matc
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import time
@@ -70,10 +72,38 @@ class RunPaths:
         return self.stage("eval")
 
 
+@functools.lru_cache(maxsize=None)
+def runtime(device: str) -> dict[str, Any]:
+    """What besides the config decides a trained stage's numbers: this package's version, and the
+    device kind and its bf16 support, which resolve every `precision: auto` (`slmrl_ray.device`)."""
+    import torch
+
+    from slmrl_ray.device import bf16_supported
+
+    kind = torch.device(device).type if device != "auto" else (
+        "cuda" if torch.cuda.is_available() else
+        "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu")
+    bf16 = kind == "cuda" and torch.cuda.is_available() and bf16_supported(torch.device("cuda"))
+    return {"version": package_version(), "device": kind, "bf16": bf16}
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("slmrl-ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
-    """Each stage's fingerprint covers its own config and, through the chain, its inputs'."""
-    data = fingerprint(config.corpus, config.corpus_config, config.data)
-    sft = fingerprint(data, config.model, config.model_config, config.lora, config.sft, config.seed)
+    """Each stage's fingerprint covers its own config and, through the chain, its inputs'.
+
+    The data stage also writes the evaluation prompts (`eval.num_prompts`, `eval.prompt_chars`);
+    the package version and the resolved precision (`runtime`) enter at the first stage they change.
+    """
+    machine = runtime(config.device)
+    prompts = {"num_prompts": config.eval.num_prompts, "prompt_chars": config.eval.prompt_chars}
+    data = fingerprint(config.corpus, config.corpus_config, config.data, prompts, machine["version"])
+    sft = fingerprint(data, config.model, config.model_config, config.lora, config.sft, config.seed, machine)
     # The reward stage also trains a `split` judge; other judges only concern evaluation.
     reward = fingerprint(sft, config.reward, *([config.judge] if config.judge.source == "split" else []))
     ppo = fingerprint(reward, config.ppo, config.rewards)

@@ -327,6 +327,9 @@ class PPOConfig:
 class EvalConfig:
     num_prompts: int = 200
     prompt_chars: int = 200
+    # A share of the prompts kept for a search's objective (`validation` in the results); the
+    # reported numbers use the rest. 0 (the default; searches set it): every prompt is reported.
+    validation_fraction: float = 0.0
     max_new_tokens: int = 128
     temperature: float = 0.8
     top_p: float = 0.9

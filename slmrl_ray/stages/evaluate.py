@@ -89,10 +89,26 @@ def compare(sft: dict, ppo: dict, sft_rewards, ppo_rewards, cfg: EvalConfig) -> 
     return {"delta_reward": delta, "analytical_win_rate": win_rate, "paired_win_rate": paired}
 
 
+def split_prompts(count: int, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Prompt indices for a search's objective (validation) and for the reported results (test).
+
+    A fixed, seeded draw of `validation_fraction` of the prompts; with 0 (a grid) every prompt is a
+    test prompt. A search tunes on one share and reports the other, so its table is not the
+    number it was tuned to maximise.
+    """
+    size = round(count * validation_fraction)
+    if validation_fraction > 0 and not 0 < size < count:
+        raise ValueError(f"eval.validation_fraction={validation_fraction} of {count} prompts leaves "
+                         f"an empty validation or test share")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:size]), sorted(order[size:])
+
+
 def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_report) -> dict:
     cfg, device = config.eval, resolve_device(config.device)
     examples = load_jsonl(paths.data / "eval.jsonl", EvalExample)[: cfg.num_prompts]
     prompts, references = [e.prompt for e in examples], [e.reference for e in examples]
+    validation, test = split_prompts(len(examples), cfg.validation_fraction, cfg.seed)
     scorer = build_reward(config.rewards, config.reward, paths.reward, device)
     judge = build_judge(config.judge, config.reward, paths.reward, device)
     results, rewards, judged = {}, {}, {}
@@ -103,23 +119,33 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
         responses = sample_responses(model, tokenizer, prompts, cfg, device, desc=f"eval {policy}")
         components = scorer.components(prompts, responses)
         rewards[policy] = scorer.total(components).tolist()
-        ppl = perplexity(model, tokenizer, examples, cfg.ppl_max_length, cfg.batch_size, device)
-        results[policy] = policy_metrics(responses, references, rewards[policy], ppl)
-        results[policy]["reward_components"] = {name: float(v.mean()) for name, v in components.items()}
+        ppl = perplexity(model, tokenizer, [examples[i] for i in test], cfg.ppl_max_length, cfg.batch_size, device)
+        results[policy] = policy_metrics([responses[i] for i in test], [references[i] for i in test],
+                                         [rewards[policy][i] for i in test], ppl)
+        results[policy]["reward_components"] = {name: float(v[test].mean()) for name, v in components.items()}
         samples = [
             {"prompt": p, "reference": r, "response": s, "reward": w}
             for p, r, s, w in zip(prompts, references, responses, rewards[policy])
         ]
         if judge is not None:
             judged[policy] = judge.score(prompts, responses).tolist()
-            results[policy]["judge_reward"] = metrics.reward_summary(judged[policy])
+            results[policy]["judge_reward"] = metrics.reward_summary([judged[policy][i] for i in test])
             samples = [{**sample, "judge": j} for sample, j in zip(samples, judged[policy])]
+        if validation:
+            shares = set(validation)
+            samples = [{**sample, "split": "validation" if i in shares else "test"} for i, sample in enumerate(samples)]
         save_jsonl(paths.eval / f"samples_{policy}.jsonl", samples)
-    comparison = compare(results["sft"], results["ppo"], rewards["sft"], rewards["ppo"], cfg)
+    pick = lambda values, indices: [values[i] for i in indices]  # noqa: E731
+    comparison = compare(results["sft"], results["ppo"], pick(rewards["sft"], test), pick(rewards["ppo"], test), cfg)
     if judge is not None:
-        comparison["judge"] = judge_comparison(results["sft"], results["ppo"], judged, cfg)
+        comparison["judge"] = judge_comparison(results["sft"], results["ppo"],
+                                               {p: pick(v, test) for p, v in judged.items()}, cfg)
+    if validation:
+        comparison["validation"] = validation_summary(
+            {p: pick(v, validation) for p, v in rewards.items()},
+            {p: pick(v, validation) for p, v in judged.items()}, cfg)
     comparison["hacking_flags"] = hacking_flags(results["sft"], results["ppo"], comparison, cfg)
-    evaluation = {"model": config.model, "corpus": config.corpus, "num_prompts": len(examples),
+    evaluation = {"model": config.model, "corpus": config.corpus, "num_prompts": len(test),
                   **results, **comparison}
     write_json(paths.eval / "evaluation_results.json", evaluation)
     report({"eval/delta_reward": comparison["delta_reward"],
@@ -128,6 +154,17 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
             **({"eval/judge_delta": comparison["judge"]["delta"]} if judge is not None else {}),
             "eval/hacking_flags": len(comparison["hacking_flags"])})
     return evaluation
+
+
+def validation_summary(rewards: dict[str, list[float]], judged: dict[str, list[float]], cfg: EvalConfig) -> dict:
+    """What a search's objective reads: the reward (and judge) deltas on the validation prompts."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    summary = {"num_prompts": len(rewards["sft"]), "delta_reward": mean(rewards["ppo"]) - mean(rewards["sft"]),
+               "paired_win_rate": metrics.paired_win_rate(rewards["ppo"], rewards["sft"], cfg.num_bootstrap,
+                                                          seed=cfg.seed)}
+    if judged:
+        summary["judge"] = {"delta": mean(judged["ppo"]) - mean(judged["sft"])}
+    return summary
 
 
 def _standardized_delta(sft: dict, ppo: dict) -> float:
