@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from slmrl_ray.storage import join_uri
 from slmrl_ray.tuning.report import (
     format_summary,
-    join_uri,
     plot_rewards,
     plot_search_landscape,
     plot_win_rates,
@@ -46,7 +46,6 @@ def make_record(
     finished_at: str = "2026-11-22T10:00:00+0000",
     params: dict | None = None,
     ppo_reward: float = -3.5,
-    root: str = "s3://bucket/exp" + S3_QUERY,
 ) -> dict:
     evaluation = None
     if not diverged:
@@ -56,15 +55,11 @@ def make_record(
             "paired_win_rate": {"win_rate": 0.625, "ci_low": 0.469, "ci_high": 0.781},
             "sft": policy_metrics(-4.0, 6.0, 0.0), "ppo": policy_metrics(ppo_reward, 6.5, 0.1),
         }
-    base, _, query = root.partition("?")
-    query = "?" + query if query else ""
     return {
         "experiment": "tiny-" + kind, "kind": kind, "trial_id": trial_id,
         "model": model, "corpus": corpus,
         "params": params if params is not None else {},
         "objective": objective, "diverged": diverged, "evaluation": evaluation,
-        "artifacts": {stage: f"{base}/{model}/{corpus}/{trial_id}/{stage}{query}"
-                      for stage in ("sft", "reward", "ppo", "eval")},
         "metrics": {"sft": {"heldout_perplexity": 6.1}, "reward": {"heldout_accuracy": 0.98},
                     "ppo": {"kl_last": 3.2, "reward_first": -4.2, "reward_last": -3.5}},
         "fingerprints": {"data": "d1", "sft": "s1", "reward": "r1", "ppo": "p-" + trial_id, "eval": "e1"},
@@ -240,27 +235,25 @@ def test_unfinished_cell_is_listed_with_its_reason():
 # -- registry ---------------------------------------------------------------------------------
 
 
-def test_registry_joins_model_uris_keeping_the_query_and_leaves_out_diverged_cells():
+def test_registry_names_stages_by_fingerprint_never_by_uri_and_leaves_out_diverged_cells():
     records = [
         search_record("best", 0.7, 0.05, 3e-4, ppo_reward=-3.0),
         search_record("worse", 0.1, 0.05, 3e-4),
         search_record("boom", 1.0, 0.1, 1e-2, model="pythia-160m", diverged=True),
-        search_record("local", 0.3, 0.1, 1e-3, corpus="wikitext", root="/data/exp"),
+        search_record("local", 0.3, 0.1, 1e-3, corpus="wikitext"),
     ]
     entry = registry(select_cells(records))
-    assert (entry["version"], entry["experiment"], entry["kind"]) == (1, "tiny-search", "search")
+    assert (entry["version"], entry["experiment"], entry["kind"]) == (2, "tiny-search", "search")
     assert sorted(entry["cells"]) == ["pythia-70m/tinystories", "pythia-70m/wikitext"]
     cell = entry["cells"]["pythia-70m/tinystories"]
-    assert cell["sft"]["uri"] == "s3://bucket/exp/pythia-70m/tinystories/best/sft/model" + S3_QUERY
-    assert cell["reward"]["uri"] == "s3://bucket/exp/pythia-70m/tinystories/best/reward/model" + S3_QUERY
-    assert cell["ppo"]["uri"] == "s3://bucket/exp/pythia-70m/tinystories/best/ppo/model" + S3_QUERY
+    assert "uri" not in json.dumps(entry)
+    assert [cell[s]["fingerprint"] for s in ("sft", "reward", "ppo")] == ["s1", "r1", "p-best"]
     assert (cell["ppo"]["trial_id"], cell["ppo"]["objective"]) == ("best", 0.7)
     assert cell["ppo"]["params"] == {"ppo.init_kl_coef": 0.05, "ppo.learning_rate": 3e-4}
     assert cell["ppo"]["metrics"] == {"kl_last": 3.2, "reward_first": -4.2, "reward_last": -3.5,
                                       "delta_reward": pytest.approx(1.0), "win_rate": 0.607}
     assert cell["reward"]["metrics"] == {"heldout_accuracy": 0.98}
     assert cell["fingerprints"]["ppo"] == "p-best"
-    assert entry["cells"]["pythia-70m/wikitext"]["ppo"]["uri"] == "/data/exp/pythia-70m/wikitext/local/ppo/model"
 
 
 # -- plots and the whole report ---------------------------------------------------------------

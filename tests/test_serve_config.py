@@ -43,31 +43,76 @@ def test_bad_app_args_name_the_dotted_path(args, message):
         parse_args(args)
 
 
-def write_registry(folder: Path) -> Path:
-    cells = {}
-    for cell in ("pythia-70m/tinystories", "smollm2-135m/wikitext"):
-        stages = {s: {"uri": f"s3://b/exp/artifacts/{cell}/{s}/fp-{s}/model?endpoint_override=h:1"}
-                  for s in ("sft", "ppo", "reward")}
-        cells[cell] = {**stages, "fingerprints": {s: f"fp-{s}" for s in ("sft", "ppo", "reward")}}
-    path = folder / "report" / "registry.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": 1, "cells": cells}))
-    return path
+CELLS = ("pythia-70m/tinystories", "smollm2-135m/wikitext")
+STAGES = ("sft", "reward", "ppo")
+
+
+def write_experiment(folder: Path) -> Path:
+    """A finished experiment as serving sees it: its manifest, committed stages (a `config.json`
+    naming each) and `report/registry.json`; returns its root."""
+    from slmrl_ray.storage import ArtifactStore
+    from slmrl_ray.tuning.config import load_tune_config
+    from slmrl_ray.tuning.experiment import experiment_root, write_manifest
+    from slmrl_ray.tuning.report import registry
+
+    grid = Path(__file__).resolve().parents[1] / "tune_configs" / "tiny_grid.yaml"
+    experiment = load_tune_config(grid, [f"storage_path={folder}", "name=exp"])
+    root = experiment_root(experiment)
+    write_manifest(experiment, "grid", root)
+    store, records = ArtifactStore(root.child("artifacts")), []
+    for cell in CELLS:
+        model, corpus = cell.split("/")
+        fingerprints = {stage: f"{stage}-{model}-{corpus}" for stage in STAGES}
+        for stage, fingerprint in fingerprints.items():
+            stage_dir = folder / "stages" / cell / stage
+            (stage_dir / "model").mkdir(parents=True)
+            (stage_dir / "model" / "model.safetensors").write_bytes(b"weights")
+            (stage_dir / "config.json").write_text(json.dumps({"made": f"{stage}/{cell}"}))
+            assert store.publish_folder(stage_dir, model, corpus, stage, fingerprint)
+        records.append({"experiment": "exp", "kind": "grid", "trial_id": f"t-{model}", "model": model,
+                        "corpus": corpus, "params": {}, "objective": None, "diverged": False,
+                        "fingerprints": fingerprints, "metrics": {},
+                        "evaluation": {"delta_reward": 0.5, "analytical_win_rate": 0.6}})
+    root.child("report", "registry.json").write_json(registry(records))
+    return Path(root.path)
 
 
 def test_catalog_from_a_registry_names_models_by_stage_and_cell(tmp_path):
-    write_registry(tmp_path)
-    catalog = build_catalog(parse_args({"registry": str(tmp_path), "cells": ["smollm2-135m/wikitext"],
+    root = write_experiment(tmp_path)
+    catalog = build_catalog(parse_args({"registry": str(root), "cells": ["smollm2-135m/wikitext"],
                                         "stages": ["ppo"]}))
     assert sorted(catalog) == ["ppo/smollm2-135m/wikitext", "reward/smollm2-135m/wikitext"]
     ppo = catalog["ppo/smollm2-135m/wikitext"]
-    assert ppo.uri == "s3://b/exp/artifacts/smollm2-135m/wikitext/ppo/fp-ppo/model?endpoint_override=h:1"
-    assert ppo.stage_uri == "s3://b/exp/artifacts/smollm2-135m/wikitext/ppo/fp-ppo?endpoint_override=h:1"
-    assert ppo.provenance == {"cell": "smollm2-135m/wikitext", "stage": "ppo", "artifact": "fp-ppo"}
+    assert json.loads((Path(ppo.stage_uri) / "config.json").read_text()) == {"made": "ppo/smollm2-135m/wikitext"}
+    assert ppo.uri == ppo.stage_uri + "/model" and (Path(ppo.uri) / "model.safetensors").is_file()
+    assert ppo.provenance == {"cell": "smollm2-135m/wikitext", "stage": "ppo", "artifact": "ppo-smollm2-135m-wikitext"}
     with pytest.raises(ConfigError, match="cells: 'gpt2/x' is not in the registry"):
-        build_catalog(parse_args({"registry": str(tmp_path), "cells": ["gpt2/x"]}))
+        build_catalog(parse_args({"registry": str(root), "cells": ["gpt2/x"]}))
     with pytest.raises(ConfigError, match="no registry.json"):
         build_catalog(parse_args({"registry": str(tmp_path / "elsewhere")}))
+
+
+def test_a_moved_experiment_still_serves_from_its_registry_and_never_leaves_it(tmp_path):
+    import shutil
+
+    root = write_experiment(tmp_path / "before")
+    moved = tmp_path / "after"
+    shutil.move(root, moved)
+    catalog = build_catalog(parse_args({"registry": str(moved)}))
+    assert len(catalog) == 6
+    for model in catalog.values():
+        assert model.uri.startswith(f"{moved}/artifacts/{model.cell}/{model.stage}/"), model.uri
+        assert json.loads((Path(model.stage_uri) / "config.json").read_text()) == {"made": model.model_id}
+
+    path = moved / "report" / "registry.json"
+    registry = json.loads(path.read_text())
+    entry = registry["cells"]["pythia-70m/tinystories"]["ppo"]
+    for fingerprint, message in (("../../../../etc", "ppo: not a stage in"),
+                                 ("feedfacefeedface", "ppo: no committed ppo stage")):
+        entry["fingerprint"] = fingerprint
+        path.write_text(json.dumps(registry))
+        with pytest.raises(ConfigError, match=message):
+            build_catalog(parse_args({"registry": str(moved)}))
 
 
 def test_serve_command_reads_a_serve_config_or_a_registry(tmp_path):

@@ -107,32 +107,53 @@ def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedMod
     return ServedModel(f"{stage}/{cell}", stage, cell, join_uri(stage_uri, "model"), stage_uri, fingerprint)
 
 
-def _registry(uri: str) -> dict:
-    from slmrl_ray.storage import Storage
+def _registry(uri: str):
+    """The registry and the `ArtifactStore` of the experiment it sits in (`<root>/report/registry.json`).
+
+    Its stages are found by fingerprint under that experiment's artifacts, wherever the
+    experiment is now (`resume` allows moving it); a URI written into a record or the
+    registry is never followed.
+    """
+    from slmrl_ray.storage import ArtifactStore, Storage, artifacts_storage, parent_uri
 
     place = Storage.from_uri(uri)
     if not place.is_file():
         place = place.child("report", "registry.json")
     if not place.is_file():
         raise ConfigError(f"registry: no registry.json at {uri} (nor under its report/)")
-    return place.read_json()
+    registry = place.read_json()
+    if registry.get("version") != 2:
+        raise ConfigError(f"registry: {place.uri} is version {registry.get('version')}; rebuild it with "
+                          f"`slmrl-ray report <experiment>` (this version reads 2)")
+    root = Storage.from_uri(parent_uri(parent_uri(place.uri)))
+    manifest = root.child("experiment.json")
+    if not manifest.is_file():
+        raise ConfigError(f"registry: {place.uri} is not inside an experiment (no {manifest.uri})")
+    custom = manifest.read_json()["tune_config"].get("artifacts_path")
+    return registry, ArtifactStore(artifacts_storage(root, custom))
 
 
 def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
     """Model id -> served model, for the policies of `args.stages` and each cell's reward model."""
-    from slmrl_ray.storage import parent_uri
+
+    from slmrl_ray.storage import ArtifactError
 
     catalog: dict[str, ServedModel] = {}
     if args.registry is not None:
-        cells = _registry(args.registry)["cells"]
+        registry, store = _registry(args.registry)
+        cells = registry["cells"]
         unknown = [c for c in args.cells if c not in cells]
         if unknown:
             raise ConfigError(f"cells: {unknown[0]!r} is not in the registry (it has {sorted(cells)})")
         for cell in args.cells or sorted(cells):
             entry = cells[cell]
             for stage in (*args.stages, "reward"):
-                stage_uri = parent_uri(entry[stage]["uri"])
-                catalog[f"{stage}/{cell}"] = _model(stage, cell, stage_uri, entry["fingerprints"][stage])
+                fingerprint = entry[stage]["fingerprint"]
+                try:
+                    stage_uri = store.committed(entry["model"], entry["corpus"], stage, fingerprint).uri
+                except ArtifactError as error:
+                    raise ConfigError(f"registry: {cell} {stage}: {error}") from None
+                catalog[f"{stage}/{cell}"] = _model(stage, cell, stage_uri, fingerprint)
     else:
         for item in args.artifacts:
             if args.cells and item.cell not in args.cells:

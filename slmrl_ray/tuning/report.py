@@ -1,14 +1,16 @@
 """The study's results table, plots and serving registry from a tuning experiment's records.
 
 Every Tune trial ends by writing one JSON cell record (`<experiment root>/results/<trial_id>.json`)
-with its evaluation, artifact URIs, stage metrics and fingerprints. `write_report` picks one
+with its evaluation, stage metrics and fingerprints; the driver adds a placeholder record (a
+`state` and a `reason`) for every expected cell or variant without one: failed, skipped, not run. `write_report` picks one
 record per (model, corpus) cell -- the newest for a grid, the best non-diverged by objective
 for a search -- and writes into a local folder:
 
 - `results.md`, `results.csv`, `results.json`: the study's table; cells that diverged or
   never finished are listed with the reason under "Cells without results", never as numbers;
 - `rewards.png`, `win_rates.png` and, for a search, `search_landscape.png`;
-- `registry.json`: per cell, the SFT, reward and PPO model URIs with their metrics, for serving.
+- `registry.json`: per cell, the SFT, reward and PPO stages' fingerprints with their metrics, for
+  serving, which finds the committed artifacts under the experiment's root where it is now.
 
 No Ray here, and no storage access: the caller gathers the records and uploads the folder, so
 the report can be rebuilt from any process, and tested, without a cluster.
@@ -24,13 +26,12 @@ from pathlib import Path
 from typing import Iterable
 
 from slmrl_ray.pipeline import CONFIRMED_MAX_KL, results_row
-from slmrl_ray.storage import join_uri
 
 MODEL_ORDER = ("pythia-70m", "pythia-160m", "pythia-410m", "smollm2-135m", "smollm2-360m")
 CORPUS_ORDER = ("tinystories", "cnn_dailymail", "wikitext")
 # The search landscape's axes: the two PPO settings the study's searches tune.
 KL_PARAM, LR_PARAM = "ppo.init_kl_coef", "ppo.learning_rate"
-REGISTRY_VERSION = 1
+REGISTRY_VERSION = 2  # 2: fingerprints resolved against the experiment's root, no URIs
 _OLDEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -95,7 +96,7 @@ def select_cells(records: Iterable[dict]) -> list[dict]:
         for record in group:
             variants.setdefault(_variant(record), []).append(record)
         for variant in sorted(variants, key=str):
-            members = variants[variant]
+            members = [r for r in variants[variant] if "state" not in r] or variants[variant]  # real ones first
             is_search = any(record.get("kind") == "search" for record in members)
             cells.append(max(members, key=_search_rank if is_search else _finished_at))
     return cells
@@ -106,11 +107,22 @@ def select_cells(records: Iterable[dict]) -> list[dict]:
 
 def _missing_reason(record: dict) -> str | None:
     """Why a chosen record has no numbers to show, or None when it has."""
+    if "state" in record:  # a placeholder: failed, skipped or not run
+        return record["reason"]
     if record.get("diverged"):
-        return "every search trial diverged" if record.get("kind") == "search" else "PPO diverged"
+        what = "every search trial diverged" if record.get("kind") == "search" else "PPO diverged"
+        return f"{what}: {record['error']}" if record.get("error") else what
     if not record.get("evaluation"):
         return "no evaluation (the trial did not finish)"
     return None
+
+
+def _state(record: dict, reason: str | None) -> str:
+    if "state" in record:
+        return record["state"]
+    if record.get("diverged"):
+        return "diverged"
+    return "done" if reason is None else "unfinished"
 
 
 def has_results(row: dict) -> bool:
@@ -128,7 +140,7 @@ def results_table(cells: Iterable[dict]) -> list[dict]:
         row = ({"model": record["model"], "corpus": record["corpus"]} if reason
                else results_row(record["evaluation"], record.get("metrics")))
         row.update(trial_id=record["trial_id"], params=record.get("params") or {},
-                   objective=_objective(record), reason=reason)
+                   objective=_objective(record), reason=reason, state=_state(record, reason))
         rows.append(row)
     return rows
 
@@ -201,9 +213,15 @@ def format_summary(rows: list[dict]) -> str:
         parts.append(confirmed_count(rows))
     if missing:
         parts.append("## Cells without results\n\n" + "\n".join(
-            f"- {row['model']} / {row['corpus']}: {row['reason']} (trial {row['trial_id']})" for row in missing
+            f"- {row['model']} / {row['corpus']}{_variant_text(row)}: {row['reason']} (trial {row['trial_id'] or '-'})"
+            for row in missing
         ))
     return "\n\n".join(parts)
+
+
+def _variant_text(row: dict) -> str:
+    params = row.get("params") or {}
+    return f" [{', '.join(f'{k}={v}' for k, v in sorted(params.items()))}]" if params else ""
 
 
 def _csv_record(row: dict, param_keys: list[str]) -> dict:
@@ -344,21 +362,21 @@ def plot_search_landscape(records: Iterable[dict], path: Path) -> Path | None:
 
 
 def _registry_cell(record: dict) -> dict:
-    artifacts, metrics, evaluation = record["artifacts"], record.get("metrics") or {}, record["evaluation"]
+    fingerprints, metrics, evaluation = record["fingerprints"], record.get("metrics") or {}, record["evaluation"]
     return {
         "model": record["model"],
         "corpus": record["corpus"],
-        "sft": {"uri": join_uri(artifacts["sft"], "model"), "metrics": metrics.get("sft", {})},
+        "sft": {"fingerprint": fingerprints["sft"], "metrics": metrics.get("sft", {})},
         "ppo": {
-            "uri": join_uri(artifacts["ppo"], "model"),
+            "fingerprint": fingerprints["ppo"],
             "trial_id": record["trial_id"],
             "params": record.get("params") or {},
             "objective": _objective(record),
             "metrics": {**metrics.get("ppo", {}), "delta_reward": evaluation["delta_reward"],
                         "win_rate": evaluation["analytical_win_rate"]},
         },
-        "reward": {"uri": join_uri(artifacts["reward"], "model"), "metrics": metrics.get("reward", {})},
-        "fingerprints": record.get("fingerprints") or {},
+        "reward": {"fingerprint": fingerprints["reward"], "metrics": metrics.get("reward", {})},
+        "fingerprints": fingerprints,
     }
 
 
