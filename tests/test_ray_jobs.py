@@ -67,10 +67,14 @@ def test_ray_job_submit_runs_a_tiny_grid(tmp_path):
             if listing.returncode == 0:
                 break
             time.sleep(2)
-        submitted = subprocess.run(
-            [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        for _ in range(15):  # the job agent can come up after the job server: Ray says to try again
+            submitted = subprocess.run(
+                [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint],
+                env=env, capture_output=True, text=True, timeout=600,
+            )
+            if "No available agent to submit job" not in submitted.stderr:
+                break
+            time.sleep(2)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
         assert "| pythia-70m | tinystories |" in submitted.stdout  # the results table, from the job's logs
         assert "succeeded" in submitted.stdout.lower()

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,6 +53,12 @@ def start_driver(args: list[str], cluster, log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "slmrl_ray.cli", *args], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def scratch_left(name: str) -> list[str]:
+    """Trial scratch folders of experiment `name` still on this node (conftest sets SLMRL_RAY_SCRATCH)."""
+    folder = Path(os.environ["SLMRL_RAY_SCRATCH"]) / "slmrl-ray" / name
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
@@ -112,6 +117,7 @@ def test_every_stage_ran_once_except_the_ppo_that_crashed(full_grid):
             assert counts[(cell, stage)] == (2 if (cell, stage) == crashed else 1), (cell, stage)
     # The retried attempt resumed PPO from the step-4 checkpoint instead of starting over.
     record = next(r for r in load_records(root) if r["model"] == "pythia-70m" and r["corpus"] == "tinystories")
+    assert scratch_left(experiment.config.name) == []  # the crashed attempt's scratch went too
     assert record["resumed_from_ppo_step"] == 4
     steps = experiment.cell_config("pythia-70m/tinystories").ppo.steps
     assert record["metrics"]["ppo"]["resumed_from_step"] == 4 and record["metrics"]["ppo"]["steps"] == steps
@@ -135,17 +141,18 @@ def test_the_shipped_grid_confirms_its_gains_and_every_reward_model_learned(full
 
 def test_registry_points_at_loadable_safetensors_artifacts(full_grid):
     from slmrl_ray.models import load_causal_lm, load_reward_model, load_tokenizer
+    from slmrl_ray.serving.config import build_catalog, parse_args
 
     _, root, _ = full_grid
     registry = root.child("report", "registry.json").read_json()
     assert len(registry["cells"]) == 15
-    entry = registry["cells"]["smollm2-135m/wikitext"]
-    for stage in ("sft", "ppo", "reward"):
-        assert Path(entry[stage]["uri"], "model.safetensors").is_file()
-    assert entry["reward"]["metrics"]["heldout_accuracy"] > 0.5
-    tokenizer = load_tokenizer(entry["ppo"]["uri"])
-    policy = load_causal_lm(entry["ppo"]["uri"], tokenizer)
-    reward_model = load_reward_model(entry["reward"]["uri"], load_tokenizer(entry["reward"]["uri"]))
+    assert registry["cells"]["smollm2-135m/wikitext"]["reward"]["metrics"]["heldout_accuracy"] > 0.5
+    catalog = build_catalog(parse_args({"registry": root.uri, "cells": ["smollm2-135m/wikitext"]}))
+    for model in catalog.values():  # resolved by fingerprint to the committed attempt
+        assert "/attempts/" in model.uri and Path(model.uri, "model.safetensors").is_file()
+    ppo, reward = catalog["ppo/smollm2-135m/wikitext"].uri, catalog["reward/smollm2-135m/wikitext"].uri
+    policy = load_causal_lm(ppo, load_tokenizer(ppo))
+    reward_model = load_reward_model(reward, load_tokenizer(reward))
     assert policy.config.model_type == "llama" and reward_model.config.num_labels == 1
 
 
@@ -162,30 +169,57 @@ def test_trials_log_to_tensorboard_through_tune(full_grid):
 # ---------------------------------------------------------------- search
 
 
-def test_search_trains_sft_and_rm_once_and_ranks_ppo_trials(ray_cluster, tmp_path):
-    experiment = load_tune_config(TINY_SEARCH, [f"storage_path={tmp_path}"])
+def trial_results(root: Storage, phase: str) -> dict[str, list[dict]]:
+    """Each Tune trial of a phase, by folder name, with the results Tune recorded for it."""
+    trials = {}
+    for name in root.child(phase).list():
+        if root.child(phase, name, "result.json").is_file():
+            text = root.child(phase, name, "result.json").read_text()
+            trials[name] = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return trials
+
+
+def test_a_two_cell_search_runs_its_cells_side_by_side_and_evaluates_every_finished_trial(ray_cluster, tmp_path):
+    # One trial at a time per cell: only cells searched side by side use both CPUs.
+    experiment = load_tune_config(TINY_SEARCH, [f"storage_path={tmp_path}", TWO_CELLS, "search.num_samples=2",
+                                                "search.max_concurrent=1"])
     summary = run_experiment(experiment, "search")
     root = experiment_root(experiment)
-    cell = experiment.cells[0]
     counts = executions(root)
-    assert [counts[(cell, s)] for s in ("data", "sft", "reward")] == [1, 1, 1]
-    assert counts[(cell, "ppo")] == experiment.config.search.num_samples == 4
-    records = load_records(root)
-    assert records and summary["cells_with_results"] == 1
     search = experiment.config.search
-    samples = [(r["params"]["ppo.init_kl_coef"], r["params"]["ppo.learning_rate"]) for r in records]
-    assert len(set(samples)) == len(samples)
-    for kl_coef, learning_rate in samples:
-        assert search.kl_coef.low <= kl_coef <= search.kl_coef.high
-        assert search.learning_rate.low <= learning_rate <= search.learning_rate.high
-    for record in records:  # the objective is the held-out gain with the KL penalty
-        expected = record["evaluation"]["delta_reward"] - 0.05 * record["metrics"]["ppo"]["kl_last"]
+    for cell in experiment.cells:
+        assert [counts[(cell, s)] for s in ("data", "sft", "reward")] == [1, 1, 1]  # once, in `prepare`
+        assert counts[(cell, "ppo")] == 2
+    records = load_records(root)
+    by_cell = collections.defaultdict(list)
+    for record in records:
+        by_cell[f"{record['model']}/{record['corpus']}"].append(record)
+    first, second = (by_cell[cell] for cell in experiment.cells)
+    assert any(a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"] for a in first for b in second)
+
+    steps = experiment.cell_config(experiment.cells[0]).ppo.steps
+    finished = 0
+    for cell in experiment.cells:
+        for trial, results in trial_results(root, f"search-{cell.replace('/', '-')}").items():
+            if max(r.get("ppo_step", 0) for r in results) == steps:  # reached the last step: evaluated
+                finished += 1
+                assert results[-1].get("objective_final") and math.isfinite(results[-1]["objective"]), trial
+    assert finished == len(records) >= 2
+    for record in records:  # the objective reads the validation prompts; the table, the others
+        validation = record["evaluation"]["validation"]
+        assert validation["num_prompts"] == record["evaluation"]["num_prompts"] == 8
+        expected = validation["delta_reward"] - 0.05 * record["metrics"]["ppo"]["kl_last"]
         assert record["objective"] == pytest.approx(expected)
-    best = max(records, key=lambda r: r["objective"])
-    entry = root.child("report", "registry.json").read_json()["cells"][cell]
-    assert entry["ppo"]["trial_id"] == best["trial_id"]
-    assert entry["ppo"]["params"] == best["params"]
+        for kl_coef, learning_rate in [(record["params"]["ppo.init_kl_coef"], record["params"]["ppo.learning_rate"])]:
+            assert search.kl_coef.low <= kl_coef <= search.kl_coef.high
+            assert search.learning_rate.low <= learning_rate <= search.learning_rate.high
+    assert summary["cells_with_results"] == 2
+    registry = root.child("report", "registry.json").read_json()["cells"]
+    for cell, members in by_cell.items():
+        best = max(members, key=lambda r: r["objective"])
+        assert registry[cell]["ppo"]["trial_id"] == best["trial_id"]
     assert root.child("report", "search_landscape.png").is_file()
+    assert scratch_left(experiment.config.name) == []  # finished, stopped and prepare trials alike
 
 
 def test_a_grid_compares_ppo_grpo_and_rloo_on_shared_sft_and_reward_models(ray_cluster, tmp_path):
@@ -214,9 +248,11 @@ def test_a_grid_compares_ppo_grpo_and_rloo_on_shared_sft_and_reward_models(ray_c
 # ---------------------------------------------------------------- driver killed
 
 
-def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage(ray_cluster, tmp_path):
+def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage_and_a_diverged_cell_is_recorded_once(
+        ray_cluster, tmp_path):
     three = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext]"
-    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three]
+    diverging = ["faults.diverge_at_ppo_step=2", "faults.cells=[pythia-70m/wikitext]"]
+    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three, *diverging]
     root = Storage.from_uri(str(tmp_path)).child("killed")
     driver = start_driver(args, ray_cluster, tmp_path / "driver.log")
     try:
@@ -232,7 +268,7 @@ def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage(ray_cluster
         for fingerprint in root.child("artifacts", model, corpus, stage).list()
         if root.child("artifacts", model, corpus, stage, fingerprint, "stage.json").is_file()
     }
-    assert 5 <= len(published) < 15, published  # killed mid-experiment, with a cell finished
+    assert 5 <= len(published) < 14, published  # killed mid-experiment, with a cell finished
     before = executions(root)
 
     from slmrl_ray.tuning.experiment import resume_experiment
@@ -244,39 +280,20 @@ def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage(ray_cluster
     after = executions(root)
     for key in published:
         assert after[key] == before[key] == 1, key  # a finished stage never runs again
-    assert summary["cells_with_results"] == 3
-    cells = {cell for cell, _ in after}
-    assert len(cells) == 3 and all(after[(cell, stage)] >= 1 for cell in cells for stage in STAGES)
+    assert summary["cells_with_results"] == 2
+    for cell in ("pythia-70m/tinystories", "smollm2-135m/wikitext"):
+        assert all(after[(cell, stage)] >= 1 for stage in STAGES)
+    # The diverged cell: one PPO run (no retry with the same seed), one record, a row that says so.
+    assert after[("pythia-70m/wikitext", "ppo")] == 1 and after[("pythia-70m/wikitext", "eval")] == 0
+    (diverged,) = [r for r in load_records(root) if r["diverged"]]
+    assert "injected divergence at PPO step 2" in diverged["error"]
+    (row,) = [r for r in summary["rows"] if r["reason"] is not None]
+    assert (row["model"], row["corpus"], row["state"]) == ("pythia-70m", "wikitext", "diverged")
+    assert "PPO diverged: injected divergence" in root.child("report", "results.md").read_text()
+    assert scratch_left("killed") == []  # the killed trials' scratch was pruned by the next attempts
 
 
 # ---------------------------------------------------------------- S3-compatible storage
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A moto S3 server on 127.0.0.1 (a real HTTP server, separate process) with one bucket."""
-    import boto3
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    wait_for(lambda: _reachable(client), 30, "the moto server")
-    client.create_bucket(Bucket="slmrl-test")
-    yield f"s3://slmrl-test/experiments?endpoint_override=127.0.0.1:{port}&scheme=http", client
-    server.terminate()
-    server.wait()
-
-
-def _reachable(client) -> bool:
-    try:
-        client.list_buckets()
-        return True
-    except Exception:  # noqa: BLE001 (not up yet)
-        return False
 
 
 def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_cluster, s3_bucket, tmp_path):
@@ -302,10 +319,12 @@ def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_clust
     assert "experiments/on-s3/report/registry.json" in keys
     assert any(k.startswith("experiments/on-s3/grid/cell_trial") and "/checkpoint_" in k for k in keys)
 
-    # The registry's URIs are real: the PPO policy comes back from the bucket and loads.
-    entry = root.child("report", "registry.json").read_json()["cells"]["pythia-70m/tinystories"]
-    assert entry["ppo"]["uri"].startswith("s3://") and "endpoint_override" in entry["ppo"]["uri"]
-    Storage.from_uri(entry["ppo"]["uri"]).download(tmp_path / "policy")
+    # The registry resolves to the bucket: the committed PPO policy comes back from it and loads.
+    from slmrl_ray.serving.config import build_catalog, parse_args
+
+    ppo = build_catalog(parse_args({"registry": root.uri}))["ppo/pythia-70m/tinystories"]
+    assert ppo.uri.startswith("s3://slmrl-test/experiments/on-s3/artifacts/") and "endpoint_override" in ppo.uri
+    Storage.from_uri(ppo.uri).download(tmp_path / "policy")
     policy = load_causal_lm(tmp_path / "policy", load_tokenizer(tmp_path / "policy"))
     assert policy.config.model_type == "gpt_neox"
 
@@ -317,6 +336,7 @@ def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_clust
 def test_trials_are_scheduled_on_the_gpu_fraction_they_ask_for(ray_cluster, tmp_path, gpu, share):
     experiment = load_tune_config(TINY_GRID, [
         f"storage_path={tmp_path}", f"name=gpu-{gpu}", TWO_CELLS, "stages=[data, sft]", f"resources.gpu={gpu}",
+        "resources.allow_logical_gpus=true",  # the test cluster's GPU is logical: torch sees none
     ])
     run_experiment(experiment, "grid")
     records = load_records(experiment_root(experiment))
@@ -326,6 +346,22 @@ def test_trials_are_scheduled_on_the_gpu_fraction_they_ask_for(ray_cluster, tmp_
     first, second = sorted(records, key=lambda r: r["started_at"])
     overlap = second["started_at"] < first["ended_at"]
     assert overlap is share  # two halves share the one GPU at once; two wholes take turns
+
+
+def test_a_trial_given_a_gpu_torch_cannot_see_fails_loudly(ray_cluster, tmp_path):
+    from slmrl_ray.tuning.config import ExperimentError
+
+    experiment = load_tune_config(TINY_GRID, [
+        f"storage_path={tmp_path}", "name=no-cuda", "cells=[pythia-70m/tinystories]", "stages=[data]",
+        "resources.gpu=1", "max_failures=0",
+    ])
+    with pytest.raises(ExperimentError, match="1 trial"):
+        run_experiment(experiment, "grid")
+    root = experiment_root(experiment)
+    assert not root.child("artifacts", "_executions").exists()  # nothing ran on the CPU instead
+    (failure,) = load_records(root, "failures")
+    assert "but torch" in failure["error"] and "sees no CUDA device" in failure["error"], failure
+    assert "failed in grid" in root.child("report", "results.md").read_text()
 
 
 # ---------------------------------------------------------------- several nodes

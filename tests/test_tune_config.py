@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -37,14 +39,15 @@ def test_every_shipped_tune_config_loads_and_builds_each_cell(path):
 
 def test_grid_axes_cross_the_cells_after_a_prepare_phase(tmp_path):
     experiment = load_tune_config(REPO / "tune_configs" / "tiny_algorithms.yaml")
-    assert [(p.kind, p.stages) for p in phases(experiment, "grid")] == [
-        ("prepare", ("data", "sft", "reward")), ("grid", ("data", "sft", "reward", "ppo", "eval"))]
+    assert [[(p.name, p.stages) for p in lane] for lane in phases(experiment, "grid")] == [
+        [("prepare-pythia-70m-tinystories", ("data", "sft", "reward")),
+         ("grid-pythia-70m-tinystories", ("data", "sft", "reward", "ppo", "eval"))]]
     assert grid_variants(experiment.config) == [{"ppo.algorithm": a} for a in ("ppo", "grpo", "rloo")]
     configs = [experiment.cell_config(experiment.cells[0], v) for v in grid_variants(experiment.config)]
     assert [c.ppo.algorithm for c in configs] == ["ppo", "grpo", "rloo"]
     assert len({stage_fingerprints(c)["reward"] for c in configs}) == 1  # SFT and RM are shared
     plain = load_tune_config(REPO / "tune_configs" / "tiny_grid.yaml")
-    assert [p.kind for p in phases(plain, "grid")] == ["grid"]
+    assert [[p.kind for p in lane] for lane in phases(plain, "grid")] == [["grid"]]
     with pytest.raises(ConfigError, match="grid: {'ppo.algorithm': 'dpo'}: ppo.algorithm: 'dpo' is not one of"):
         load_tune_config(write(tmp_path, "name: x\ngrid: {ppo.algorithm: [ppo, dpo]}\n"))
     with pytest.raises(ConfigError, match="a search samples instead"):
@@ -102,9 +105,28 @@ def test_bad_tune_configs_name_the_dotted_path(tmp_path, text, message):
 def test_a_search_prepares_each_cell_once_then_searches_per_cell(tmp_path):
     experiment = load_tune_config(write(tmp_path, "name: x\nmodels: [pythia-70m]\ncorpora: [tinystories, wikitext]\n"))
     planned = phases(experiment, "search")
-    assert [p.name for p in planned] == ["prepare", "search-pythia-70m-tinystories", "search-pythia-70m-wikitext"]
-    assert planned[0].stages == ("data", "sft", "reward") and planned[0].cells == experiment.cells
-    assert [p.name for p in phases(experiment, "grid")] == ["grid"]
+    # A lane per cell, side by side: its prepare, then its search (no cell waits for another's prepare).
+    assert [[p.name for p in lane] for lane in planned] == [
+        ["prepare-pythia-70m-tinystories", "search-pythia-70m-tinystories"],
+        ["prepare-pythia-70m-wikitext", "search-pythia-70m-wikitext"]]
+    prepare = planned[1][0]
+    assert prepare.stages == ("data", "sft", "reward") and prepare.cells == ("pythia-70m/wikitext",)
+    assert [[p.name for p in lane] for lane in phases(experiment, "grid")] == [["grid"]]
+
+
+def test_prepare_builds_each_distinct_upstream_fingerprint_once(tmp_path):
+    from slmrl_ray.tuning.experiment import units
+
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\nmodels: [pythia-70m]\ncorpora: [tinystories, wikitext]\n"
+        "grid: {sft.learning_rate: [0.001, 0.002], ppo.algorithm: [ppo, grpo, rloo]}\n")))
+    lanes = phases(experiment, "grid")
+    planned = [unit for lane in lanes for unit in units(experiment, lane[0])]
+    # Two SFT settings x two cells; the algorithm only changes PPO, so it never multiplies them.
+    assert sorted((u["cell"], u["grid"]["sft.learning_rate"]) for u in planned) == [
+        ("pythia-70m/tinystories", 0.001), ("pythia-70m/tinystories", 0.002),
+        ("pythia-70m/wikitext", 0.001), ("pythia-70m/wikitext", 0.002)]
+    assert sum(len(units(experiment, lane[1])) for lane in lanes) == 12
 
 
 def test_storage_round_trip_on_local_paths_and_file_uris(tmp_path):
@@ -146,13 +168,20 @@ def test_artifact_store_fetches_a_stage_only_with_the_same_fingerprint(tmp_path,
 
 def test_objective_uses_training_rollouts_then_the_heldout_gain():
     tracker = ObjectiveTracker(Objective(kl_penalty=0.1, window=2))
-    assert math.isnan(tracker.running()["objective"])
+    assert math.isnan(tracker.running()["running_objective"])
     for reward, kl in ((-4.0, 0.0), (-3.0, 1.0), (-2.0, 2.0), (-1.0, 4.0)):
         tracker.observe({"ppo/reward_mean": reward, "ppo/kl": kl})
-    # last two (-1.5) against the first two (-3.5), minus 0.1 x mean KL of the last two (3.0)
-    assert tracker.running() == pytest.approx({"objective": 2.0 - 0.3, "reward_gain": 2.0, "kl": 3.0})
+    # last two (-1.5) against the first two (-3.5), minus 0.1 x mean KL of the last two (3.0):
+    # ASHA's number, under its own name; Optuna's `objective` stays NaN until the evaluation.
+    running = tracker.running()
+    assert {k: running[k] for k in ("running_objective", "running_reward_gain", "running_kl")} == pytest.approx(
+        {"running_objective": 2.0 - 0.3, "running_reward_gain": 2.0, "running_kl": 3.0})
+    assert all(math.isnan(running[k]) for k in ("objective", "reward_gain", "kl"))
     final = tracker.final({"delta_reward": 0.8}, {"kl_last": 5.0})
-    assert final["objective"] == pytest.approx(0.8 - 0.5)
+    assert final["objective"] == pytest.approx(0.8 - 0.5) and final["objective_final"]
+    # A search reads its validation share when the evaluation has one, never the reported (test) share.
+    split = tracker.final({"delta_reward": 0.8, "validation": {"delta_reward": 0.1}}, {"kl_last": 5.0})
+    assert split["objective"] == pytest.approx(0.1 - 0.5)
     # A diverged trial scores below anything a finished one could reach.
     assert tracker.diverged()["objective"] < -100
 
@@ -160,7 +189,8 @@ def test_objective_uses_training_rollouts_then_the_heldout_gain():
 def test_a_judge_objective_scores_the_final_gain_with_the_judge(tmp_path):
     tracker = ObjectiveTracker(Objective(kl_penalty=0.1, score="judge"))
     final = tracker.final({"delta_reward": 0.8, "judge": {"delta": -0.2}}, {"kl_last": 1.0})
-    assert final == pytest.approx({"objective": -0.2 - 0.1, "reward_gain": -0.2, "kl": 1.0})
+    assert {k: final[k] for k in ("objective", "reward_gain", "kl")} == pytest.approx(
+        {"objective": -0.2 - 0.1, "reward_gain": -0.2, "kl": 1.0})
     # A search that asks for the judge without one in the pipeline config is refused up front.
     text = "name: s\nsearch: {objective: {score: judge}}\n"
     with pytest.raises(ConfigError, match="search.objective.score: `judge` needs a judge"):
@@ -192,22 +222,130 @@ def test_cli_exit_codes_for_a_bad_tune_config_and_a_folder_that_is_no_experiment
 
 
 def test_search_settings_reach_optuna_asha_and_the_concurrency_limit(tmp_path):
+    from ray.tune.schedulers import FIFOScheduler
+
     from slmrl_ray.tuning.experiment import _search_tune_config
 
     experiment = load_tune_config(write(tmp_path, (
         "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
-        "search: {num_samples: 6, max_concurrent: 3, scheduler: {grace_period: 50}}\n")))
-    search_phase = phases(experiment, "search")[1]
+        "search: {num_samples: 6, max_concurrent: 3, scheduler: {grace_period: 5}}\n")))
+    search_phase = phases(experiment, "search")[0][1]
     tune_config = _search_tune_config(experiment, search_phase, index=2)
-    assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("objective", "max", 6)
-    assert tune_config.search_alg.max_concurrent == 3
-    assert tune_config.search_alg.searcher._seed == 2  # one study per cell, each with its own seed
+    assert tune_config.num_samples == 6 and tune_config.search_alg.max_concurrent == 3
+    searcher = tune_config.search_alg.searcher
+    assert (searcher.metric, searcher.mode, searcher._seed) == ("objective", "max", 2)  # one study per cell
     scheduler = tune_config.scheduler
-    assert scheduler._time_attr == "ppo_step" and scheduler._max_t == 30
-    assert scheduler._brackets[0]._rungs[-1][0] == 30  # grace period capped at the PPO steps
+    assert (scheduler._time_attr, scheduler.metric, scheduler._mode) == ("ppo_step", "running_objective", "max")
+    assert [rung for rung, _ in scheduler._brackets[0]._rungs] == [20, 10, 5]
+
+    few = load_tune_config(write(tmp_path, (
+        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
+        "search: {scheduler: {grace_period: 30}}\n")))
+    assert isinstance(_search_tune_config(few, phases(few, "search")[0][1], 0).scheduler, FIFOScheduler)
+
+
+@pytest.mark.parametrize("steps, grace, rf", [(16, 8, 2), (32, 4, 2), (27, 3, 3), (9, 8, 2), (100, 10, 3)])
+def test_asha_has_no_rung_at_the_last_ppo_step(steps, grace, rf):
+    """With a rung at the last step, ASHA stops a finished trial before its evaluation (Ray's
+    ASHA puts one at max_t = 16 for grace 8, rf 2)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from slmrl_ray.tuning.experiment import asha_scheduler
+
+    rungs = [rung for rung, _ in asha_scheduler(steps, grace, rf)._brackets[0]._rungs]
+    assert rungs and all(rung < steps for rung in rungs) and min(rungs) == grace
+    if (steps, grace, rf) == (16, 8, 2):  # what was wrong: max_t = steps
+        naive = ASHAScheduler(time_attr="ppo_step", metric="m", mode="max", max_t=16, grace_period=8, reduction_factor=2)
+        assert [rung for rung, _ in naive._brackets[0]._rungs] == [16, 8]
+
+
+def test_optuna_learns_final_objectives_only_and_a_stopped_trial_is_pruned(tmp_path):
+    import math
+
+    from optuna.trial import TrialState
+
+    from slmrl_ray.tuning.experiment import _param_space, _search_tune_config
+
+    experiment = load_tune_config(write(tmp_path, "name: x\ncells: [pythia-70m/tinystories]\nsearch: {}\n"))
+    phase = phases(experiment, "search")[0][1]
+    searcher = _search_tune_config(experiment, phase, index=0).search_alg.searcher
+    searcher.set_search_properties(None, None, _param_space(experiment, phase, None))
+    running = {"objective": math.nan, "running_objective": 0.9, "training_iteration": 3, "ppo_step": 3}
+    for trial in ("stopped", "finished"):
+        assert sorted(searcher.suggest(trial)["search"]) == ["ppo.init_kl_coef", "ppo.learning_rate"]
+        searcher.on_trial_result(trial, running)
+    searcher.on_trial_complete("stopped", running)  # ASHA stopped it mid-PPO
+    searcher.on_trial_complete("finished", {**running, "objective": 0.25, "objective_final": True})
+    stopped, finished = searcher._ot_study.trials
+    assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {}
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.25
+
 
     pareto = load_tune_config(write(tmp_path, (
         "name: x\ncells: [pythia-70m/tinystories]\nsearch: {objective: {kind: pareto}}\n")))
-    tune_config = _search_tune_config(pareto, phases(pareto, "search")[1], index=0)
+    tune_config = _search_tune_config(pareto, phases(pareto, "search")[0][1], index=0)
     assert tune_config.search_alg.searcher.metric == ["reward_gain", "kl"]
     assert tune_config.search_alg.searcher.mode == ["max", "min"]
+
+
+def test_cells_whose_prepare_failed_are_skipped_and_every_expected_cell_gets_a_row(tmp_path):
+    from slmrl_ray.storage import artifacts_storage
+    from slmrl_ray.tuning.experiment import (
+        _skip_unprepared,
+        experiment_root,
+        unit_key,
+        write_failures,
+        write_manifest,
+        write_report,
+    )
+
+    experiment = load_tune_config(write(tmp_path, (
+        f"name: x\nstorage_path: {tmp_path / 'runs'}\nmodels: [pythia-70m]\ncorpora: [tinystories, wikitext, cnn_dailymail]\n"
+        "grid: {ppo.algorithm: [ppo, grpo]}\n")))
+    root = experiment_root(experiment)
+    write_manifest(experiment, "grid", root)
+    failed = [{"phase": "prepare-pythia-70m-wikitext", "cell": "pythia-70m/wikitext", "params": {},
+               "unit": unit_key({"cell": "pythia-70m/wikitext", "grid": {"ppo.algorithm": "ppo"}}),
+               "state": "failed", "trial_id": "p1", "error": "OutOfMemoryError: CUDA out of memory"}]
+    prepare, grid = next(lane for lane in phases(experiment, "grid") if lane[0].cells == ("pythia-70m/wikitext",))
+    assert _skip_unprepared(experiment, prepare, artifacts_storage(root, None), failed) == set()
+    # Nothing is committed in this store: the lane's variants lack their upstream stages.
+    skipped = _skip_unprepared(experiment, grid, artifacts_storage(root, None), failed)
+    assert len(skipped) == 2 and [f["state"] for f in failed] == ["failed", "skipped", "skipped"]
+    write_failures(root, failed)
+    record = {"experiment": "x", "kind": "grid", "trial_id": "t1", "model": "pythia-70m", "corpus": "tinystories",
+              "params": {"ppo.algorithm": "ppo"}, "objective": None, "diverged": True, "error": "NaN at step 3",
+              "evaluation": None, "fingerprints": {}, "metrics": {}}
+    root.child("results", "t1.json").write_json(record)
+    rows = write_report(root, log=lambda line: None)["rows"]
+    states = {(r["corpus"], r["params"].get("ppo.algorithm")): (r["state"], r["reason"]) for r in rows}
+    assert len(rows) == 6  # 3 cells x 2 variants, finished or not
+    assert states[("tinystories", "ppo")] == ("diverged", "PPO diverged: NaN at step 3")
+    assert states[("tinystories", "grpo")] == ("not run", "not run yet")
+    assert states[("wikitext", "grpo")] == (
+        "skipped", "skipped in grid-pythia-70m-wikitext: its data, SFT or reward model failed in `prepare`")
+    assert states[("cnn_dailymail", "ppo")][0] == "not run"
+    markdown = root.child("report", "results.md").read_text()
+    assert "- pythia-70m / wikitext [ppo.algorithm=grpo]: skipped in grid-pythia-70m-wikitext:" in markdown
+
+
+def test_stale_trial_scratch_is_pruned_and_a_live_trials_is_kept(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from slmrl_ray.tuning import trial
+
+    monkeypatch.setenv("SLMRL_RAY_SCRATCH", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {"killed": int(dead.stdout), "running": os.getppid(), "previous": os.getpid()}
+    for name, pid in owners.items():  # a killed actor's, another live trial's, this reused actor's last one
+        folder = tmp_path / "slmrl-ray" / "exp" / name
+        (folder / "ppo").mkdir(parents=True)
+        (folder / trial.OWNER).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "trial": name}))
+    elsewhere = tmp_path / "slmrl-ray" / "exp" / "other-node"
+    elsewhere.mkdir()
+    (elsewhere / trial.OWNER).write_text(json.dumps({"pid": owners["killed"], "host": "another-node"}))
+    folder = trial.scratch_dir("exp", "new")
+    left = sorted(p.name for p in (tmp_path / "slmrl-ray" / "exp").iterdir())
+    assert left == ["new", "other-node", "running"] and folder.name == "new"

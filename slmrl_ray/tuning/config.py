@@ -54,6 +54,9 @@ class Resources:
 
     cpu: float = 1.0
     gpu: float = 0.0
+    # A trial given a GPU that torch cannot see fails (it would train on the CPU unnoticed).
+    # True only for logical GPUs declared to Ray on purpose, e.g. to test scheduling.
+    allow_logical_gpus: bool = False
 
     def __post_init__(self) -> None:
         if self.cpu <= 0 or self.gpu < 0:
@@ -109,14 +112,23 @@ class Search:
     objective: Objective = field(default_factory=Objective)
     scheduler: Scheduler = field(default_factory=Scheduler)
     seed: int = 0  # each cell's sampler gets seed + its index
+    # The held-out prompts' share that the objective reads; the report shows the other share,
+    # so a search is not graded on the prompts it was tuned on.
+    validation_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError("validation_fraction: must lie strictly between 0 and 1")
 
 
 @dataclass(frozen=True)
 class Faults:
     """Fault injection, to rehearse recovery before a long run: a trial's first attempt
-    raises right after the given PPO step (resuming attempts do not)."""
+    raises right after `crash_at_ppo_step` (resuming attempts do not); every attempt's PPO
+    "diverges" at `diverge_at_ppo_step` (as a real divergence would, seed for seed)."""
 
     crash_at_ppo_step: int | None = None
+    diverge_at_ppo_step: int | None = None
     cells: tuple[str, ...] = ()  # "model/corpus"; empty: every cell
 
 

@@ -9,18 +9,25 @@ plugged in:
 - a reporter that forwards metrics to `tune.report`, with a Tune checkpoint after every
   stage and at every PPO checkpoint (the PPO state plus its step log), so a retried
   trial, here or on another node, resumes PPO mid-way;
-- for searches, the objective: while PPO runs, the reward gain on its own rollouts
-  (for ASHA's pruning); at the end, the held-out gain from the evaluation stage.
-A diverged PPO run ends the trial with `diverged_score`, never a good score.
-When the cell is done, its record (metrics, artifact URIs, params, objective) goes to
-`<experiment>/results/<trial_id>.json`, where `slmrl-ray report` reads it.
+- for searches, two numbers under two names: while PPO runs, `running_objective`, the
+  reward gain on its own rollouts (ASHA's metric); at the end, `objective`, the gain on the
+  validation prompts (Optuna's metric, NaN until then: a trial ASHA stops never has one,
+  and reaches Optuna as pruned).
+A diverged PPO run is recorded once (`diverged`, with its error) and ends the trial
+without a retry; in a search it scores `diverged_score`, never a good score.
+When the cell is done, its record (metrics, fingerprints, params, objective) goes to
+`<experiment>/results/<trial_id>.json`, where `slmrl-ray report` reads it. The scratch
+folder goes however the trial ends (done, stopped, failed); one left by a killed process
+is pruned by the next attempt on that node.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -44,17 +51,72 @@ class InjectedFault(RuntimeError):
     """Raised by `faults.crash_at_ppo_step` to rehearse recovery."""
 
 
+class TrialDeviceError(RuntimeError):
+    """Ray gave the trial a GPU that torch cannot see: training would silently run on the CPU."""
+
+
+OWNER = ".owner.json"
+
+
+def scratch_root() -> Path:
+    return Path(os.environ.get("SLMRL_RAY_SCRATCH") or tempfile.gettempdir()) / "slmrl-ray"
+
+
 def scratch_dir(experiment: str, trial_id: str) -> Path:
     """A node-local working folder, emptied at the start of every attempt.
 
     Starting empty is the point: an attempt must resume from storage and its Tune
-    checkpoint alone, exactly as it would on another node.
+    checkpoint alone, exactly as it would on another node. Scratch folders that no live
+    trial owns (a killed actor's, or an earlier trial's in this reused actor) go first.
     """
-    root = Path(os.environ.get("SLMRL_RAY_SCRATCH") or tempfile.gettempdir())
-    folder = root / "slmrl-ray" / experiment / trial_id
+    prune_scratch()
+    folder = scratch_root() / experiment / trial_id
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    (folder / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "trial": trial_id}))
     return folder
+
+
+def prune_scratch() -> list[Path]:
+    """Remove this node's scratch folders whose owner is dead or is this process (one trial at a time)."""
+    removed = []
+    for owner_file in scratch_root().glob(f"*/*/{OWNER}"):
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") != socket.gethostname():
+            continue
+        if owner.get("pid") == os.getpid() or not _alive(owner.get("pid")):
+            shutil.rmtree(owner_file.parent, ignore_errors=True)
+            removed.append(owner_file.parent)
+    return removed
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_trial_device(gpus_assigned: float, allow_logical_gpus: bool) -> None:
+    """Fail loudly when Ray assigned GPUs but torch sees none (a CPU wheel, a driver mismatch)."""
+    import torch
+
+    if gpus_assigned <= 0 or torch.cuda.is_available() or allow_logical_gpus:
+        return
+    raise TrialDeviceError(
+        f"Ray gave this trial {gpus_assigned:g} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch {torch.__version__} sees no CUDA device "
+        f"(built for CUDA {torch.version.cuda}); refusing to train on the CPU. Install a CUDA build of torch "
+        f"on the GPU nodes, or ask for no GPU (resources.gpu=0)"
+    )
 
 
 def restore_ppo_checkpoint(checkpoint_dir: Path, paths: RunPaths) -> int:
@@ -82,22 +144,32 @@ class ObjectiveTracker:
                 self.rewards.append(record["reward_mean"])
                 self.kls.append(record["kl"])
 
+    # The final numbers, as Optuna and the report see them; NaN until the evaluation (Tune
+    # wants every metric in every result).
+    PENDING = {"objective": math.nan, "reward_gain": math.nan, "kl": math.nan}
+
     def running(self) -> dict[str, float]:
+        """ASHA's metric: the gain on PPO's own rollouts so far, less the KL penalty."""
         window = self.objective.window
         if not self.rewards:
-            return {"objective": math.nan, "reward_gain": math.nan, "kl": math.nan}
+            return {**self.PENDING, "running_objective": math.nan, "running_reward_gain": math.nan,
+                    "running_kl": math.nan}
         gain = _mean(self.rewards[-window:]) - _mean(self.rewards[:window])
         kl = _mean(self.kls[-window:])
-        return {"objective": gain - self.objective.kl_penalty * kl, "reward_gain": gain, "kl": kl}
+        return {**self.PENDING, "running_objective": gain - self.objective.kl_penalty * kl,
+                "running_reward_gain": gain, "running_kl": kl}
 
     def final(self, evaluation: dict, ppo_metrics: dict) -> dict[str, float]:
+        """Optuna's metric: the gain on the validation prompts (`eval.validation_fraction`)."""
         kl = ppo_metrics["kl_last"]
-        gain = evaluation["judge"]["delta"] if self.objective.score == "judge" else evaluation["delta_reward"]
-        return {"objective": gain - self.objective.kl_penalty * kl, "reward_gain": gain, "kl": kl}
+        scored = evaluation.get("validation") or evaluation
+        gain = scored["judge"]["delta"] if self.objective.score == "judge" else scored["delta_reward"]
+        return {**self.running(), "objective": gain - self.objective.kl_penalty * kl, "reward_gain": gain,
+                "kl": kl, "objective_final": True}
 
     def diverged(self) -> dict[str, float]:
         score = self.objective.diverged_score
-        return {"objective": score, "reward_gain": score, "kl": -score}
+        return {**self.running(), "objective": score, "reward_gain": score, "kl": -score, "objective_final": True}
 
 
 def _mean(values: list[float]) -> float:
@@ -108,11 +180,12 @@ class TuneReporter:
     """The pipeline's `report`, forwarded to `tune.report` with checkpoints (see module docstring)."""
 
     def __init__(self, paths: RunPaths, tracker: ObjectiveTracker | None, cell: str,
-                 crash_at_ppo_step: int | None) -> None:
+                 crash_at_ppo_step: int | None, diverge_at_ppo_step: int | None = None) -> None:
         self.paths = paths
         self.tracker = tracker
         self.cell = cell
         self.crash_at_ppo_step = crash_at_ppo_step
+        self.diverge_at_ppo_step = diverge_at_ppo_step
         self.stages_done: dict[str, bool] = {}  # stage -> run by this attempt (else fetched/skipped)
         self.stage_times: dict[str, float] = {}
         self._count = 0
@@ -138,6 +211,8 @@ class TuneReporter:
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
         if self.crash_at_ppo_step is not None and result["ppo_step"] == self.crash_at_ppo_step:
             raise InjectedFault(f"injected fault after PPO step {self.crash_at_ppo_step} ({self.cell})")
+        if self.diverge_at_ppo_step is not None and result["ppo_step"] == self.diverge_at_ppo_step:
+            raise PPODivergedError(f"injected divergence at PPO step {self.diverge_at_ppo_step} ({self.cell})")
 
     def _fill_checkpoint(self, folder: Path, ppo_state: Path | None) -> None:
         self._count += 1
@@ -148,19 +223,36 @@ class TuneReporter:
 
 def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
                stages: tuple[str, ...], storage_uri: str, artifacts_uri: str) -> None:
-    """The Tune function trainable: `params` holds the cell and, in a search, the sampled values."""
-    import ray
+    """The Tune function trainable: `params` holds the cell (a grid's `unit`: the cell and its
+    variant's values) and, in a search, the sampled values."""
     import torch
+    from ray import tune
+
+    unit = params.get("unit") or {"cell": params["cell"]}
+    context = tune.get_context()
+    trial_id, cell = context.get_trial_id(), unit["cell"]
+    resources = context.get_trial_resources().required_resources
+    check_trial_device(resources.get("GPU", 0), experiment.config.resources.allow_logical_gpus)
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    sampled = {**params.get("search", {}), **(unit.get("grid") or {})}  # a search's samples, a grid's variant
+    scratch = scratch_dir(experiment.config.name, trial_id)
+    try:
+        _run_cell(experiment, kind, stages, storage_uri, artifacts_uri, trial_id, cell, sampled, scratch)
+    finally:  # done, failed, or stopped by the scheduler (Tune ends a stopped trial's thread at its next report)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_cell(experiment: TuneExperiment, kind: str, stages: tuple[str, ...], storage_uri: str,
+              artifacts_uri: str, trial_id: str, cell: str, sampled: dict, scratch: Path) -> None:
+    import ray
     from ray import tune
 
     from slmrl_ray.pipeline import run_pipeline
 
-    context = tune.get_context()
-    trial_id, cell = context.get_trial_id(), params["cell"]
-    torch.set_num_threads(max(1, int(context.get_trial_resources().required_resources.get("CPU", 1))))
-    sampled = {**params.get("search", {}), **params.get("grid", {})}  # a search's samples, a grid's variant
-    scratch = scratch_dir(experiment.config.name, trial_id)
-    config = experiment.cell_config(cell, sampled, output_dir=str(scratch))
+    overrides = dict(sampled)
+    if kind == "search" and experiment.config.search is not None:
+        overrides["eval.validation_fraction"] = experiment.config.search.validation_fraction
+    config = experiment.cell_config(cell, overrides, output_dir=str(scratch))
     paths = RunPaths.for_config(config)
     paths.root.mkdir(parents=True, exist_ok=True)
     store = ArtifactStore(Storage.from_uri(artifacts_uri), who=trial_id, node=ray.get_runtime_context().get_node_id())
@@ -171,20 +263,21 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
         with checkpoint.as_directory() as folder:
             resumed_step = restore_ppo_checkpoint(Path(folder), paths)
     faults = experiment.config.faults
-    crash = faults.crash_at_ppo_step if checkpoint is None and (not faults.cells or cell in faults.cells) else None
+    faulty = not faults.cells or cell in faults.cells
+    crash = faults.crash_at_ppo_step if checkpoint is None and faulty else None
     tracker = ObjectiveTracker(experiment.config.search.objective) if kind == "search" else None
     if tracker is not None:
         tracker.load_log(log_path(paths.ppo))
-    reporter = TuneReporter(paths, tracker, cell, crash)
-    record = CellRecord(experiment.config.name, kind, trial_id, config, store, sampled, resumed_step)
+    reporter = TuneReporter(paths, tracker, cell, crash, faults.diverge_at_ppo_step if faulty else None)
+    record = CellRecord(experiment.config.name, kind, trial_id, config, sampled, resumed_step)
 
     try:
         results = run_pipeline(config, stages, report=reporter, store=store, log=lambda line: print(f"[{cell}] {line}"))
     except (PPODivergedError, NonFiniteError) as error:
-        if tracker is None:  # a grid cell that diverged is an error for the user to see
-            raise
-        final = {"cell": cell, "diverged": True, "error": str(error), **tracker.diverged()}
-        record.write(storage_uri, {}, reporter.stage_times, final["objective"], diverged=True)
+        # Recorded once, and the trial ends: a retry with the same seed would diverge again.
+        final = {"cell": cell, "diverged": True, "error": str(error), "done_cell": True,
+                 **(tracker.diverged() if tracker is not None else {})}
+        record.write(storage_uri, {}, reporter.stage_times, final.get("objective"), diverged=True, error=str(error))
         tune.report(final)
         return
     if kind == "prepare":  # a search's first phase: nothing to rank yet
@@ -197,16 +290,15 @@ def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
             final.update(tracker.final(results["eval"], results["ppo"]))
     record.write(storage_uri, results, reporter.stage_times, final.get("objective"), diverged=False)
     tune.report(final)
-    shutil.rmtree(scratch, ignore_errors=True)  # everything it held is in storage now
 
 
 class CellRecord:
     """The record of a finished cell that `slmrl-ray report` and the serving registry read."""
 
     def __init__(self, experiment: str, kind: str, trial_id: str, config: PipelineConfig,
-                 store: ArtifactStore, sampled: dict, resumed_step: int) -> None:
+                 sampled: dict, resumed_step: int) -> None:
         self.experiment, self.kind, self.trial_id = experiment, kind, trial_id
-        self.config, self.store, self.sampled, self.resumed_step = config, store, sampled, resumed_step
+        self.config, self.sampled, self.resumed_step = config, sampled, resumed_step
         self.started = time.time()
         import ray
         from ray import tune
@@ -215,7 +307,7 @@ class CellRecord:
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
 
     def write(self, storage_uri: str, results: dict, stage_times: dict[str, float],
-              objective: float | None, diverged: bool) -> None:
+              objective: float | None, diverged: bool, error: str | None = None) -> None:
         config = self.config
         record = {
             "experiment": self.experiment,
@@ -226,9 +318,10 @@ class CellRecord:
             "params": self.sampled,
             "objective": objective,
             "diverged": diverged,
+            "error": error,
             "evaluation": results.get("eval"),
-            "artifacts": {s: self.store.stage_location(config, s).uri for s in ("sft", "reward", "ppo", "eval")},
             "metrics": {s: results[s] for s in ("data", "sft", "reward", "ppo") if s in results},
+            # Artifacts are found by stage and fingerprint under the experiment's root, never by a URI.
             "fingerprints": stage_fingerprints(config),
             "wall_time_s": stage_times,  # the stages this attempt ran (fetched ones are absent)
             "resumed_from_ppo_step": self.resumed_step,
