@@ -20,6 +20,7 @@ Then the properties that matter for this project are asserted on the prepared co
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -179,11 +180,28 @@ def test_setup_installs_torch_before_the_project(prepared):
     for key in ("head_setup_commands", "worker_setup_commands"):  # after prepare_config's merge
         commands = prepared[key]
         torch = [i for i, c in enumerate(commands) if "pip install torch==2.13.0" in c]
-        project = [i for i, c in enumerate(commands) if "pip install -e ~/slmrl-ray" in c]
-        ray_pin = [i for i, c in enumerate(commands) if re.search(r"pip install \"ray\[[^]]*\]==2\.60\.0\"", c)]
+        project = [i for i, c in enumerate(commands) if re.search(r"pip install (-c \S+ )?-e ~/slmrl-ray", c)]
+        ray_pin = [i for i, c in enumerate(commands) if re.search(r"pip install .*\"ray\[[^]]*\]==2\.60\.0\"", c)]
         assert torch and project and ray_pin, key
         assert torch[0] < project[0] and ray_pin[0] < project[0], key
     assert any("boto3" in c for c in prepared["head_setup_commands"])
+
+
+def test_every_pip_install_but_torch_goes_through_the_constraints_file(prepared):
+    constraints = CLUSTER_YAML.parent / "cluster" / "constraints.txt"
+    pins = dict(line.split("==") for line in constraints.read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["ray"] == "2.60.0" and "torch" not in pins
+    import tomllib
+
+    declared = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in declared:  # every direct dependency of the project is pinned
+        name = re.split(r"[<>=\[ ]", requirement)[0].lower().replace("_", "-")
+        assert name == "torch" or name in {k.lower().replace("_", "-") for k in pins}, name
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        for command in prepared[key]:
+            if "pip install" in command and "pip install torch==" not in command:
+                assert "-c ~/slmrl-ray/cluster/constraints.txt" in command, command
 
 
 def test_storage_is_an_s3_bucket_placeholder(prepared):
@@ -193,6 +211,39 @@ def test_storage_is_an_s3_bucket_placeholder(prepared):
     assert uri.scheme == "s3" and uri.netloc == "<your-bucket>" and uri.path == "/slmrl-ray"
     for node_type in _gpu_worker_types(prepared).values():  # workers write to the bucket
         assert "IamInstanceProfile" in node_type["node_config"]
+
+
+def _policy(name: str) -> list[dict]:
+    return json.loads((CLUSTER_YAML.parent / "cluster" / "iam" / name).read_text())["Statement"]
+
+
+def test_the_head_may_pass_the_workers_role_and_s3_is_scoped_to_the_bucket(prepared):
+    head = prepared["available_node_types"][prepared["head_node_type"]]["node_config"]
+    head_profile = head["IamInstanceProfile"]["Arn"]  # set: `ray up` makes no ray-autoscaler-v1
+    assert head_profile.endswith(":instance-profile/slmrl-ray-head")
+    worker_profiles = {t["node_config"]["IamInstanceProfile"]["Arn"] for t in _gpu_worker_types(prepared).values()}
+    assert worker_profiles == {"arn:aws:iam::<your-account-id>:instance-profile/slmrl-ray-worker"}
+    head_policy = _policy("head-policy.json")
+    passes = [s for s in head_policy if "iam:PassRole" in s["Action"]]
+    assert passes and "arn:aws:iam::<your-account-id>:role/slmrl-ray-worker" in passes[0]["Resource"]
+    assert any("ec2:RunInstances" in s["Action"] for s in head_policy)
+    for statements in (head_policy, _policy("worker-policy.json")):
+        s3 = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
+        assert s3 and all(s["Resource"] in ("arn:aws:s3:::<your-bucket>", "arn:aws:s3:::<your-bucket>/slmrl-ray/*")
+                          for s in s3)
+        assert all(a != "*" and not a.endswith(":*") for s in statements for a in s["Action"])
+
+
+def test_the_readme_lists_every_place_a_user_must_edit():
+    readme = (CLUSTER_YAML.parent / "README.md").read_text()
+    section = readme[readme.index("## A cluster on AWS"):]
+    texts = [CLUSTER_YAML.read_text()] + [p.read_text() for p in (CLUSTER_YAML.parent / "cluster" / "iam").glob("*.json")]
+    placeholders = {m for text in texts for m in re.findall(r"<your-[a-z-]+>", text)}
+    assert placeholders >= {"<your-bucket>", "<your-account-id>"}
+    for placeholder in placeholders:
+        assert placeholder in section, placeholder
+    for name in ("head-policy.json", "worker-policy.json", "ec2-trust.json", "iam:PassRole", "region"):
+        assert name in section, name
 
 
 def test_env_file_command_runs_and_sources_cleanly(prepared, tmp_path):
