@@ -539,7 +539,7 @@ def test_stage_fingerprints_are_stable():
         (["ppo.init_kl_coef=0.1"], {"ppo", "eval"}),
         (["sft.learning_rate=3.0e-5"], {"sft", "reward", "ppo", "eval"}),
         (["reward.learning_rate=2.0e-5"], {"reward", "ppo", "eval"}),
-        (["eval.num_prompts=50"], {"eval"}),
+        (["eval.num_prompts=50"], {"data", "eval"}),  # eval.jsonl changes; the training files do not
         (["data.num_documents=500"], set(STAGES)),
         (["corpus=wikitext"], set(STAGES)),
         (["model=pythia-160m"], {"sft", "reward", "ppo", "eval"}),

@@ -324,3 +324,11 @@ def test_the_summary_counts_only_gains_that_are_confirmed():
     assert "Confirmed gains: 1 of 7 cells" in summary
     line = next(text for text in summary.splitlines() if text.startswith("| pythia-70m") and "| short |" in text)
     assert "| no |" in line and "+0.300" in line
+
+
+def test_a_collapsed_run_says_which_check_failed_and_why():
+    record = make_record(trial_id="c1", diverged=True)
+    record["error"] = "TrainingCheckError: 62% of the batch's responses are empty (limit 50%)"
+    (row,) = results_table([record])
+    assert row["state"] == "diverged"
+    assert row["reason"] == "a training check failed: 62% of the batch's responses are empty (limit 50%)"

@@ -204,8 +204,9 @@ def test_a_two_cell_search_runs_its_cells_side_by_side_and_evaluates_every_finis
             if max(r.get("ppo_step", 0) for r in results) == steps:  # reached the last step: evaluated
                 finished += 1
                 assert results[-1].get("objective_final") and math.isfinite(results[-1]["objective"]), trial
-    assert finished == len(records) >= 2
-    for record in records:  # the objective reads the validation prompts; the table, the others
+    evaluated = [r for r in records if not r["diverged"]]  # a learning rate can collapse a run: recorded apart
+    assert finished == len(evaluated) >= 2
+    for record in evaluated:  # the objective reads the validation prompts; the table, the others
         validation = record["evaluation"]["validation"]
         assert validation["num_prompts"] == record["evaluation"]["num_prompts"] == 8
         expected = validation["delta_reward"] - 0.05 * record["metrics"]["ppo"]["kl_last"]

@@ -111,7 +111,11 @@ def _missing_reason(record: dict) -> str | None:
         return record["reason"]
     if record.get("diverged"):
         what = "every search trial diverged" if record.get("kind") == "search" else "PPO diverged"
-        return f"{what}: {record['error']}" if record.get("error") else what
+        error = record.get("error") or ""
+        if error.startswith("TrainingCheckError"):
+            what = "every search trial failed a training check" if record.get("kind") == "search" else \
+                "a training check failed"
+        return f"{what}: {error.split(': ', 1)[-1]}" if error else what
     if not record.get("evaluation"):
         return "no evaluation (the trial did not finish)"
     return None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from slmrl_ray.artifacts import RunPaths, stage_fingerprints, write_json
+from slmrl_ray.checks import TrainingCheckError
 from slmrl_ray.config import PipelineConfig
 from slmrl_ray.stages.ppo_state import (
     NonFiniteError,
@@ -273,11 +274,15 @@ def _run_cell(experiment: TuneExperiment, kind: str, stages: tuple[str, ...], st
 
     try:
         results = run_pipeline(config, stages, report=reporter, store=store, log=lambda line: print(f"[{cell}] {line}"))
-    except (PPODivergedError, NonFiniteError) as error:
-        # Recorded once, and the trial ends: a retry with the same seed would diverge again.
+    except (PPODivergedError, NonFiniteError, TrainingCheckError) as error:
+        # Recorded once, and the trial ends: a retry with the same seed would diverge (or
+        # collapse to empty answers) again. A prepare trial's failure is the phase's to record.
+        if kind == "prepare":
+            raise
         final = {"cell": cell, "diverged": True, "error": str(error), "done_cell": True,
                  **(tracker.diverged() if tracker is not None else {})}
-        record.write(storage_uri, {}, reporter.stage_times, final.get("objective"), diverged=True, error=str(error))
+        record.write(storage_uri, {}, reporter.stage_times, final.get("objective"), diverged=True,
+                     error=f"{type(error).__name__}: {error}")
         tune.report(final)
         return
     if kind == "prepare":  # a search's first phase: nothing to rank yet
