@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from slmrl_ray.serving.launch import serve_forever
 
     _quiet_libraries()
-    serve_forever(args.source, host=args.host, port=args.port)
+    serve_forever(args.source, host=args.host, port=args.port, api_key=args.api_key, insecure=args.insecure)
     return 0
 
 
@@ -339,6 +339,11 @@ def _add_serve_command(commands) -> None:
     command.add_argument("source", metavar="SOURCE")
     command.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or the config's)")
     command.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's)")
+    command.add_argument("--api-key", default=None,
+                         help="require `Authorization: Bearer KEY` on every route but /health "
+                              "(default: $SLMRL_RAY_API_KEY; none on 127.0.0.1)")
+    command.add_argument("--insecure", action="store_true",
+                         help="serve on a non-loopback --host without an API key")
     command.set_defaults(func=cmd_serve)
 
 

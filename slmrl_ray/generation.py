@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+class RowSampler(LogitsProcessor):
+    """Per-row sampling with each row's own `torch.Generator`, inside `model.generate`.
+
+    It applies temperature, top-k and top-p itself (HF adds its warpers after custom
+    processors), draws each row's token from that row's generator (the global RNG for a row
+    without one) and masks every other token, so HF's own sampling step can only take the
+    drawn one. A seeded row's tokens then depend on its seed alone, whatever shares its batch.
+    """
+
+    def __init__(self, settings: SamplingSettings, generators: Sequence[torch.Generator | None]) -> None:
+        self.generators = list(generators)
+        self.warpers = [TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k:
+            self.warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        drawn = torch.cat([torch.multinomial(probs[row], 1, generator=generator)
+                           for row, generator in enumerate(self.generators)])
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, drawn.unsqueeze(1), 0.0)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -70,20 +104,29 @@ def generate(
     settings: SamplingSettings,
     max_prompt_length: int,
     device: torch.device,
+    generators: Sequence[torch.Generator | None] | None = None,
 ) -> Generation:
-    """Sample (or greedily decode) one response per prompt. Seed the global RNG before calling."""
+    """Sample (or greedily decode) one response per prompt.
+
+    Without `generators`, sampling draws from the global RNG (seed it before calling); with
+    them (one per prompt, None for the global RNG), each row draws from its own (`RowSampler`).
+    """
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    sampling = (
-        dict(do_sample=False)
-        if settings.greedy
-        else dict(
+    if settings.greedy:
+        sampling = dict(do_sample=False)
+    elif generators is not None:
+        if len(generators) != len(prompts):
+            raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                        logits_processor=LogitsProcessorList([RowSampler(settings, generators)]))
+    else:
+        sampling = dict(
             do_sample=True,
             temperature=settings.temperature,
             top_p=settings.top_p,
             top_k=settings.top_k,
         )
-    )
     output = model.generate(
         input_ids=query_ids,
         attention_mask=query_mask,

@@ -89,6 +89,30 @@ def test_left_padded_batch_matches_one_prompt_at_a_time(neox_run):
     assert all(text.strip() for text in decode_responses(tokenizer, batched))
 
 
+def test_a_seeded_row_samples_the_same_alone_and_in_any_batch(neox_run):
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    model = load_causal_lm(paths.sft / "model", tokenizer).eval()
+    settings = SamplingSettings(max_new_tokens=16, temperature=0.9, top_p=0.95)
+    seeded = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+
+    def sample(prompts, generators):
+        out = generate(model, tokenizer, prompts, settings, 64, CPU, generators)
+        return [ids[mask.bool()].tolist() for ids, mask in zip(out.response_ids, out.response_mask)]
+
+    (alone,) = sample(["The town of"], [seeded(7)])
+    torch.manual_seed(123)  # the global RNG moves on under the unseeded rows; the seeded one ignores it
+    batched = sample(["Once upon a time", "The town of", "A long prompt about a dog named Max who"],
+                     [None, seeded(7), seeded(8)])
+    assert batched[1] == alone and len(alone) > 3
+    assert sample(["The town of"], [seeded(8)])[0] != alone  # the seed decides the sample
+    # The warpers still apply: top-p this small leaves only the most likely token, as greedy does.
+    narrow = SamplingSettings(max_new_tokens=16, temperature=0.9, top_p=1e-6)
+    greedy = generate(model, tokenizer, ["The town of"], SamplingSettings(16, greedy=True), 64, CPU)
+    forced = generate(model, tokenizer, ["The town of"], narrow, 64, CPU, [seeded(1)])
+    assert forced.response_ids.tolist() == greedy.response_ids.tolist()
+
+
 def test_the_first_eos_ends_a_response():
     eos = 9
     ids = torch.tensor([[5, 6, eos, 7, eos], [5, 6, 7, 8, 1]])

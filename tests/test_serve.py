@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 LIMITS = {"max_prompt_tokens": 64, "max_tokens": 32, "max_n": 4, "max_reward_pairs": 8,
           "max_body_bytes": 4096, "request_timeout_s": 60}
+API_KEY = "test-key-0123456789"
+AUTH = {"authorization": f"Bearer {API_KEY}"}  # the module's app requires it on every route but /health
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def server(serve_application, runs):
         "reward": {"num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
                    "max_ongoing_requests": 64},
         "ingress": {"num_cpus": 0.25},
+        "api_key": API_KEY,
     }
     return serve_application(args, "slmrl")
 
@@ -43,13 +46,13 @@ def server(serve_application, runs):
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
 
 
 def post(server: str, route: str, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server}{route}", content=content, headers={"content-type": "application/json"},
-                      timeout=120, **kwargs)
+    headers = {"content-type": "application/json", **AUTH, **kwargs.pop("headers", {})}
+    return httpx.post(f"{server}{route}", content=content, headers=headers, timeout=120, **kwargs)
 
 
 def test_models_lists_every_policy_and_reward_model_with_provenance(client, runs):
@@ -163,7 +166,7 @@ def test_bodies_over_the_limit_and_broken_json_are_4xx(server):
     assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
     broken = post(server, "/v1/completions", b'{"model": "ppo/pythia-70m/tinystories", "prompt": ')
     assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.get(f"{server}/v1/nothing-here").status_code == 404
+    assert httpx.get(f"{server}/v1/nothing-here", headers=AUTH).status_code == 404
 
 
 _json_values = st.recursive(
@@ -200,7 +203,7 @@ def test_malformed_requests_never_get_a_5xx(server, route, body, raw, junk):
 
 def test_concurrent_reward_requests_are_batched(server):
     async def burst():
-        async with httpx.AsyncClient(timeout=120) as session:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
             body = {"model": "reward/smollm2-135m/wikitext", "pairs": [{"prompt": "The city", "response": "is old."}]}
             return await asyncio.gather(*(session.post(f"{server}/v1/rewards", json=body) for _ in range(24)))
 
@@ -215,7 +218,7 @@ def test_concurrent_completions_share_a_generate_call_and_greedy_output_is_uncha
                                       max_tokens=12, temperature=0).choices[0].text
 
     async def together():
-        async with httpx.AsyncClient(timeout=120) as session:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
             prompts = ["The history of", "The river", "The history of", "In 1990 the"]
             bodies = [{"model": "sft/smollm2-135m/wikitext", "prompt": p, "max_tokens": 12, "temperature": 0}
                       for p in prompts]
@@ -229,9 +232,76 @@ def test_concurrent_completions_share_a_generate_call_and_greedy_output_is_uncha
     assert stats["max_batch_size"] > 1 and stats["batches"] - before < 4
 
 
+def test_concurrent_seeded_requests_equal_the_same_requests_one_by_one(server):
+    """A request's seed alone decides its sample: alone, or batched with other seeded and
+    unseeded requests, and across /v1/completions, /v1/compare and /v1/best_of_n."""
+    completion = lambda seed, n=1: ("/v1/completions", {  # noqa: E731
+        "model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time", "max_tokens": 12,
+        "temperature": 1.0, "n": n, **({} if seed is None else {"seed": seed})})
+    seeded = [completion(1), completion(2, n=2), ("/v1/compare", {"cell": "pythia-70m/tinystories",
+              "prompt": "Tom had a red ball.", "max_tokens": 10, "seed": 5}),
+              ("/v1/best_of_n", {"model": "sft/pythia-70m/tinystories", "prompt": "Tom had a red ball.",
+                                 "n": 2, "max_tokens": 10, "seed": 9})]
+
+    def outcome(route: str, answer: dict):
+        if route == "/v1/completions":
+            return [c["text"] for c in answer["choices"]]
+        if route == "/v1/compare":
+            return [answer["responses"][stage]["text"] for stage in ("sft", "ppo")]
+        return [c["text"] for c in answer["candidates"]]
+
+    one_by_one = [outcome(route, post(server, route, body).json()) for route, body in seeded]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
+            # Six generations at once (compare makes two), with unseeded company: what the module's
+            # policy replica takes (2 running + 4 queued) without a 503.
+            calls = [*seeded, completion(None)]
+            return calls, await asyncio.gather(*(session.post(f"{server}{r}", json=b) for r, b in calls))
+
+    before = httpx.get(f"{server}/health").json()["policy_batches"]["batches"]
+    calls, responses = asyncio.run(together())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    answers = [outcome(route, r.json()) for (route, _), r in zip(calls, responses)]
+    assert answers[:4] == one_by_one
+    assert httpx.get(f"{server}/health").json()["policy_batches"]["batches"] - before < 6  # seeded ones batch too
+    route, body = completion(3)
+    assert outcome(route, post(server, route, body).json()) != one_by_one[0]  # the seed decides
+
+
+def test_without_the_api_key_every_route_but_health_is_a_401(server):
+    routes = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+              ("POST", "/v1/rewards"), ("POST", "/v1/compare"), ("POST", "/v1/best_of_n"), ("GET", "/nothing")]
+    for headers in ({}, {"authorization": "Bearer wrong-key"}, {"authorization": API_KEY}):
+        for method, route in routes:
+            response = httpx.request(method, f"{server}{route}", json={}, headers=headers, timeout=60)
+            assert response.status_code == 401, (route, headers, response.text)
+            assert response.json()["error"]["type"] == "authentication_error"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200
+
+
+def test_an_unexpected_exception_in_a_handler_is_a_json_500():
+    from fastapi.testclient import TestClient
+
+    from slmrl_ray.serving.app import app
+
+    def broken():
+        raise KeyError("a bug")
+
+    app.add_api_route("/test-broken", broken)
+    try:
+        response = TestClient(app, raise_server_exceptions=False).get("/test-broken")
+    finally:
+        app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/test-broken"]
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal server error (KeyError); the server log has the details",
+                                        "type": "server_error", "param": None, "code": 500}
+
+
 def test_overload_is_a_503_never_a_500(server):
     async def flood():
-        async with httpx.AsyncClient(timeout=120) as session:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
             body = {"model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time", "max_tokens": 32}
             return await asyncio.gather(*(session.post(f"{server}/v1/completions", json=body) for _ in range(24)))
 

@@ -119,3 +119,18 @@ def test_serve_command_reads_a_serve_config_or_a_registry(tmp_path):
     args, http = read_source(str(SERVE_CONFIGS[[p.stem for p in SERVE_CONFIGS].index("tiny")]))
     assert http == {"host": "127.0.0.1", "port": 8000} and args["stages"] == ["sft", "ppo"]
     assert read_source(str(tmp_path)) == ({"registry": str(tmp_path)}, {})
+
+
+def test_serving_beyond_loopback_needs_an_api_key_unless_told_insecure(monkeypatch, capsys):
+    from slmrl_ray.cli import main
+    from slmrl_ray.serving.launch import is_loopback, start
+
+    monkeypatch.delenv("SLMRL_RAY_API_KEY", raising=False)
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "10.0.0.5", "::", "example.org")))
+    with pytest.raises(ConfigError, match="refusing to serve on 0.0.0.0 without an API key"):
+        start("some-experiment", host="0.0.0.0")  # refused before Ray or any model starts
+    assert main(["serve", "some-experiment", "--host", "10.0.0.5"]) != 0
+    assert "--insecure to serve every model to anyone" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="api_key: must not be empty"):
+        parse_args({"registry": "x", "api_key": " "})

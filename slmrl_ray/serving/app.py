@@ -17,14 +17,19 @@ Three deployments:
   `/health`. Every answer names its provenance (cell, stage, artifact fingerprint).
 
 Errors are JSON in OpenAI's shape: a bad field is a 400 naming it, an unknown model a 404,
-a body over the limit a 413, an overloaded deployment (its queue full) or a request over
-the time limit a 503. Streaming sends the choices as server-sent events, token by token,
+a body over the limit a 413, an overloaded deployment (its queue full), a replica that died
+mid-request or a request over the time limit a 503, anything unexpected a 500. With an API
+key (`api_key`, or $SLMRL_RAY_API_KEY where the app is built), every route but /health
+needs `Authorization: Bearer <key>`, else a 401. Streaming sends the choices as server-sent events, token by token,
 once generation has finished (the generation path is the batched one that PPO and
 evaluation use, not a token-by-token loop).
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -34,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,6 +82,17 @@ async def _failure(request: Request, exc: Failure):
     return error(exc.status, str(exc), exc.param, kind, headers)
 
 
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    """Anything a handler did not expect: still OpenAI's JSON shape (Starlette logs the traceback)."""
+    return error(500, f"internal server error ({type(exc).__name__}); the server log has the details",
+                 kind="server_error")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 @app.middleware("http")
 async def _limit_body(request: Request, call_next):
     """Bodies over `limits.max_body_bytes` are a 413, before any parsing."""
@@ -89,6 +106,20 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+@app.middleware("http")
+async def _authorize(request: Request, call_next):
+    """With an API key, every route but /health needs `Authorization: Bearer <key>` (compared as
+    sha256 digests in constant time). Added last, so it runs first: before any body is read."""
+    digest = getattr(request.app.state, "api_key_digest", None)
+    if digest is not None and request.url.path != "/health":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = key_digest(token.strip()) if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(given, digest):
+            return error(401, "a valid API key is required: send `Authorization: Bearer <key>`",
+                         kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 # ---------------------------------------------------------------- model deployments
 
 
@@ -96,9 +127,9 @@ async def _limit_body(request: Request, call_next):
 class PolicyDeployment:
     """Generates from multiplexed policies; the model id comes with each request.
 
-    Unseeded requests for the same policy and the same max_tokens/temperature/top_p that
-    arrive together share one `generate` call (`@serve.batch`); a seeded request runs alone,
-    so its seed alone decides its sample.
+    Requests for the same policy and the same max_tokens/temperature/top_p that arrive
+    together share one `generate` call (`@serve.batch`); a seeded request draws from a
+    generator of its own there, so its seed alone decides its sample.
     """
 
     def __init__(self, models: dict[str, dict], device: str, max_prompt_tokens: int, max_models: int,
@@ -137,10 +168,7 @@ class PolicyDeployment:
         try:
             text = prompt if messages is None else runner.format_chat(messages)
             runner.check_prompt(text)
-            if sampling.seed is None:
-                choices, prompt_tokens = await self._generate((runner, text, sampling))
-            else:
-                choices, prompt_tokens = await asyncio.to_thread(runner.complete, text, sampling)
+            choices, prompt_tokens = await self._generate((runner, text, sampling))
         except RequestError as failure:
             return {"error": str(failure), "param": failure.param}
         return {"choices": [asdict(c) for c in choices], "prompt_tokens": prompt_tokens}
@@ -230,11 +258,12 @@ async def _sse(choices: list[dict], meta: dict, chat: bool):
 @serve.deployment
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, policy, reward, models: dict[str, dict], limits: dict) -> None:
+    def __init__(self, policy, reward, models: dict[str, dict], limits: dict, api_key_digest: str | None = None) -> None:
         self.policy, self.reward = policy, reward
         self.catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
         self.limits = Limits(**limits)
         app.state.max_body_bytes = self.limits.max_body_bytes
+        app.state.api_key_digest = api_key_digest
 
     # -- helpers
 
@@ -271,6 +300,9 @@ class Gateway:
             raise Failure(503, "the server is at capacity; retry shortly") from None
         except asyncio.TimeoutError:
             raise Failure(503, f"the request took longer than {self.limits.request_timeout_s} s") from None
+        except RayActorError:
+            raise Failure(503, "a model replica died while serving this request; Serve is replacing it, "
+                               "retry shortly") from None
 
     async def _generate(self, model: ServedModel, prompt=None, messages=None, **sampling) -> dict:
         handle = self.policy.options(multiplexed_model_id=model.model_id)
@@ -398,4 +430,6 @@ def build_app(args: dict):
     reward = RewardDeployment.options(**_options(parsed.reward)).bind(
         rewards, parsed.device, parsed.reward.max_models_per_replica, parsed.reward.max_batch_size,
         parsed.reward.batch_wait_timeout_s)
-    return Gateway.options(**_options(parsed.ingress)).bind(policy, reward, plain, asdict(parsed.limits))
+    api_key = parsed.api_key or os.environ.get("SLMRL_RAY_API_KEY") or None
+    return Gateway.options(**_options(parsed.ingress)).bind(policy, reward, plain, asdict(parsed.limits),
+                                                            key_digest(api_key) if api_key else None)

@@ -77,8 +77,14 @@ class ServeArgs:
     policy: PolicySizing = field(default_factory=PolicySizing)
     reward: RewardSizing = field(default_factory=RewardSizing)
     ingress: Sizing = field(default_factory=lambda: Sizing(max_ongoing_requests=128, max_queued_requests=256))
+    # Every route but /health then needs `Authorization: Bearer <key>`. Prefer the environment
+    # ($SLMRL_RAY_API_KEY where the app is built): args show in Serve's dashboard; only the key's
+    # sha256 reaches the replicas.
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key: must not be empty")
         if (self.registry is None) == (not self.artifacts):
             raise ConfigError("give exactly one of `registry` and `artifacts`")
 

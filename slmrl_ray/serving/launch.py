@@ -31,8 +31,24 @@ def read_source(source: str) -> tuple[dict, dict]:
     return {"registry": source}, {}
 
 
-def start(source: str, host: str | None = None, port: int | None = None) -> str:
-    """Build and run the app in the connected (or a new local) Ray; returns its URL."""
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start(source: str, host: str | None = None, port: int | None = None, api_key: str | None = None,
+          insecure: bool = False) -> str:
+    """Build and run the app in the connected (or a new local) Ray; returns its URL.
+
+    Bound beyond loopback, the app needs an API key (`api_key`, $SLMRL_RAY_API_KEY or the
+    config's `api_key`) unless `insecure` says to serve it open.
+    """
     import ray
     from ray import serve
 
@@ -41,6 +57,11 @@ def start(source: str, host: str | None = None, port: int | None = None) -> str:
     args, http = read_source(source)
     host = host or http.get("host") or DEFAULT_HOST
     port = port or http.get("port") or DEFAULT_PORT
+    if api_key:
+        args["api_key"] = api_key
+    if not is_loopback(host) and not (args.get("api_key") or os.environ.get("SLMRL_RAY_API_KEY")) and not insecure:
+        raise ConfigError(f"refusing to serve on {host} without an API key: pass --api-key (or set "
+                          f"SLMRL_RAY_API_KEY), or --insecure to serve every model to anyone who can reach it")
     application = build_app(args)  # validates args and the catalog before Ray starts anything
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -50,8 +71,9 @@ def start(source: str, host: str | None = None, port: int | None = None) -> str:
     return f"http://{host}:{port}"
 
 
-def serve_forever(source: str, host: str | None = None, port: int | None = None) -> None:
-    url = start(source, host, port)
+def serve_forever(source: str, host: str | None = None, port: int | None = None, api_key: str | None = None,
+                  insecure: bool = False) -> None:
+    url = start(source, host, port, api_key, insecure)
     print(f"slmrl-ray: serving on {url}  (models: {url}/v1/models; Ctrl-C stops)", flush=True)
     try:
         while True:

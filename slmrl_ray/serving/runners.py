@@ -121,19 +121,21 @@ class PolicyRunner:
 
     def complete_batch(self, requests: list[tuple[str, Sampling]]) -> list[tuple[list[Choice], int]]:
         """Several requests in one `generate` call. They must share max_tokens, temperature and
-        top_p (the caller groups them); a seeded request must come alone (its seed is the batch's)."""
+        top_p (the caller groups them). A seeded request's rows draw from a generator of its own
+        (`generation.RowSampler`), so its sample is the same alone or in any batch."""
         first = requests[0][1]
-        if len(requests) > 1 and any(s.seed is not None for _, s in requests):
-            raise ValueError("a seeded request is generated alone")
         used = [self.check_prompt(prompt) for prompt, _ in requests]
         greedy = first.temperature == 0
         counts = [1 if greedy else s.n for _, s in requests]  # greedy choices are identical: decode once
         prompts = [prompt for (prompt, _), count in zip(requests, counts) for _ in range(count)]
         settings = SamplingSettings(first.max_tokens, max(first.temperature, 1e-5), first.top_p, greedy=greedy)
+        generators = None
+        if not greedy and any(s.seed is not None for _, s in requests):
+            own = [None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed) for _, s in requests]
+            generators = [generator for generator, count in zip(own, counts) for _ in range(count)]
         with self._lock:
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            gen = generate(self.model, self.tokenizer, prompts, settings, self.max_prompt_tokens, self.device)
+            gen = generate(self.model, self.tokenizer, prompts, settings, self.max_prompt_tokens, self.device,
+                           generators)
         rows = iter(zip(gen.response_ids, gen.response_mask))
         results = []
         for (_, sampling), count, prompt_tokens in zip(requests, counts, used):
