@@ -222,6 +222,8 @@ def _search_tune_config(experiment: TuneExperiment, phase: Phase, index: int):
 def _param_space(experiment: TuneExperiment, phase: Phase, todo: list[dict] | None) -> dict:
     from ray import tune
 
+    if phase.kind == "grid" and not experiment.config.grid:  # a plain grid: trials named by their cell
+        return {"cell": tune.grid_search([unit["cell"] for unit in todo])}
     if phase.kind != "search":
         return {"unit": tune.grid_search(todo)}
     search = experiment.config.search
