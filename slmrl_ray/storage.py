@@ -23,9 +23,6 @@ A writer uploads into its own attempt folder and then creates `stage.json` exclu
 (`O_EXCL`-style: a hard link locally, `If-None-Match: *` on S3). The first writer wins; a
 later one deletes its attempt and takes the winner's. A writer killed midway leaves an
 attempt without a commit, which nothing reads. A fetch checks every file against the commit.
-
-`DriverLease` keeps a second driver off a running experiment: a lease file, renewed while
-its holder lives, that another driver may take only once it has expired.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -284,6 +280,9 @@ class ArtifactStore:
 
     def committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> Storage:
         """The folder holding a committed stage's files; an `ArtifactError` when there is none."""
+        return self._committed(model, corpus, stage, fingerprint)[0]
+
+    def _committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> tuple[Storage, dict]:
         place = self.location(model, corpus, stage, fingerprint)
         commit = self._commit(place, fingerprint)
         if commit is None:
@@ -291,7 +290,7 @@ class ArtifactStore:
         attempt = commit["attempt"]
         if not attempt.replace("-", "").isalnum():
             raise ArtifactError(f"{place.child(MARKER).uri} names an attempt outside its folder: {attempt!r}")
-        return place.child(ATTEMPTS, attempt)
+        return place.child(ATTEMPTS, attempt), commit
 
     def fetch(self, paths: RunPaths, stage: str, config: PipelineConfig) -> bool:
         """Download the committed stage into `paths` and check it file by file; False when none."""
@@ -302,8 +301,7 @@ class ArtifactStore:
 
     def fetch_folder(self, local: Path, model: str, corpus: str, stage: str, fingerprint: str) -> None:
         """Download a committed stage into `local`, checked against its commit file by file."""
-        source = self.committed(model, corpus, stage, fingerprint)
-        commit = self._commit(self.location(model, corpus, stage, fingerprint), fingerprint)
+        source, commit = self._committed(model, corpus, stage, fingerprint)
         source.download(local)
         verify(local, commit, source.uri)
 
@@ -375,88 +373,3 @@ def verify(local: Path, commit: dict, source: str) -> None:
             what = "missing" if got is None else f"{got['size']} bytes, sha256 {got['sha256'][:12]}"
             raise ArtifactError(f"{source}/{name} does not match its commit ({what}; the commit says "
                                 f"{expected['size']} bytes, sha256 {expected['sha256'][:12]})")
-
-
-class LeaseHeld(RuntimeError):
-    """Another live driver holds the experiment."""
-
-
-class DriverLease:
-    """One driver per experiment: `<root>/driver.lease`, renewed every `ttl_s / 3` s while held.
-
-    A second driver finds the lease and refuses, unless it has expired (its holder stopped
-    renewing: killed, or its machine gone) or its holder is a dead process on this host.
-    Taking over deletes the stale lease and races for the exclusive create like anyone.
-    """
-
-    NAME = "driver.lease"
-
-    def __init__(self, root: Storage, ttl_s: float = 60.0, what: str = "driver") -> None:
-        self.place = root.child(self.NAME)
-        self.root = root
-        self.ttl_s = ttl_s
-        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "what": what}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _payload(self) -> str:
-        now = time.time()
-        return json.dumps({**self.holder, "renewed_at": now, "expires_at": now + self.ttl_s}, indent=2)
-
-    def acquire(self) -> "DriverLease":
-        for _ in range(2):
-            if self.place.create_exclusive(self._payload()):
-                self._thread = threading.Thread(target=self._renew, name="slmrl-ray-lease", daemon=True)
-                self._thread.start()
-                return self
-            try:
-                current = self.place.read_json()
-            except (FileNotFoundError, OSError, ValueError):
-                continue  # released (or being replaced) between the two calls
-            if not self._stale(current):
-                left = current.get("expires_at", 0) - time.time()
-                raise LeaseHeld(
-                    f"{self.root.uri} is being run by another {current.get('what', 'driver')} (pid "
-                    f"{current.get('pid')} on {current.get('host')}); two drivers would corrupt it. Wait for "
-                    f"it to finish or stop it; a driver that died frees the experiment {max(left, 0):.0f} s "
-                    f"after its last renewal ({self.place.uri})"
-                )
-            self.place.delete()
-        raise LeaseHeld(f"{self.root.uri}: another driver took the experiment over just now ({self.place.uri})")
-
-    def _stale(self, lease: dict) -> bool:
-        if lease.get("expires_at", 0) < time.time():
-            return True
-        if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
-            try:
-                os.kill(lease["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        return False
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                if self.place.read_json().get("id") != self.holder["id"]:
-                    return  # expired while we stalled, and taken over: never overwrite the new holder
-                self.place.write_text(self._payload())
-            except (OSError, ValueError):
-                continue  # storage hiccup: the next renewal tries again
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        try:
-            if self.place.read_json().get("id") == self.holder["id"]:
-                self.place.delete()
-        except (FileNotFoundError, OSError, ValueError):
-            pass
-
-    def __enter__(self) -> "DriverLease":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -20,7 +20,8 @@ import pytest
 from slmrl_ray import artifacts
 from slmrl_ray.artifacts import RunPaths, stage_fingerprints
 from slmrl_ray.config import load_config
-from slmrl_ray.storage import ArtifactError, ArtifactStore, DriverLease, LeaseHeld, Storage
+from slmrl_ray.lease import DriverLease, LeaseHeld
+from slmrl_ray.storage import ArtifactError, ArtifactStore, Storage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRID = REPO / "tune_configs" / "tiny_grid.yaml"
@@ -178,8 +179,8 @@ def test_a_second_driver_is_refused_while_the_first_holds_the_lease(tmp_path):
 
 def test_a_lease_is_taken_over_once_its_holder_is_dead_or_silent(tmp_path):
     root = Storage.from_uri(str(tmp_path / "exp"))
-    holder = subprocess.run([sys.executable, "-c", "import sys; from slmrl_ray.storage import DriverLease, "
-                             "Storage; DriverLease(Storage.from_uri(sys.argv[1]), ttl_s=600).acquire()",
+    holder = subprocess.run([sys.executable, "-c", "import sys; from slmrl_ray.lease import DriverLease; "
+                             "from slmrl_ray.storage import Storage; DriverLease(Storage.from_uri(sys.argv[1]), ttl_s=600).acquire()",
                              root.uri], cwd=REPO, timeout=120)
     assert holder.returncode == 0 and root.child("driver.lease").exists()  # died holding it
     DriverLease(root).acquire().release()  # a dead pid on this host: taken over at once

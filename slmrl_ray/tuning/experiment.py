@@ -36,7 +36,8 @@ from typing import Callable
 
 from slmrl_ray.artifacts import stage_fingerprints
 from slmrl_ray.config import ConfigError
-from slmrl_ray.storage import ArtifactStore, DriverLease, LeaseHeld, Storage, artifacts_storage, parent_uri
+from slmrl_ray.lease import DriverLease, LeaseHeld
+from slmrl_ray.storage import ArtifactStore, Storage, artifacts_storage, parent_uri
 from slmrl_ray.tuning.config import SEARCHED_KEYS, ExperimentError, TuneExperiment, experiment_from_dict
 
 MANIFEST = "experiment.json"
@@ -310,10 +311,9 @@ def run_experiment(experiment: TuneExperiment, kind: str, log: Callable[[str], N
 def run_lanes(experiment: TuneExperiment, lanes: list[list[Phase]], root: Storage, artifacts: Storage,
               log: Callable[[str], None]) -> list[dict]:
     """Every lane to the end; several at once in Ray tasks on this node. Returns the failures."""
-    import ray
-
     if len(lanes) == 1:
         return run_lane(experiment, lanes[0], 0, root.uri, artifacts.uri, log)
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The Tune controllers must see the driver's local paths: on this node, asking for no CPU.
@@ -423,12 +423,12 @@ def load_records(root: Storage, folder: str = "results") -> list[dict]:
     return [place.child(name).read_json() for name in place.list() if name.endswith(".json")]
 
 
-def placeholders(root: Storage) -> list[dict]:
-    """A record for every expected unit the results lack: failed (with its error) or not run."""
+def placeholders(root: Storage, records: list[dict]) -> list[dict]:
+    """A record for every expected unit `records` lack: failed (with its error) or not run."""
     saved = root.child(MANIFEST).read_json()
     kind = saved["kind"]
     done = {unit_key({"cell": f"{r['model']}/{r['corpus']}", "grid": r.get("params") if kind != "search" else {}})
-            for r in load_records(root)}
+            for r in records}
     failures = {f["unit"]: f for f in load_records(root, "failures")}
     missing = []
     for unit in expected_units(saved):
@@ -453,7 +453,8 @@ def write_report(root: Storage, log: Callable[[str], None] = print) -> dict:
     """
     from slmrl_ray.tuning.report import format_summary, write_report as write_files
 
-    records = load_records(root) + placeholders(root)
+    records = load_records(root)
+    records += placeholders(root, records)
     with tempfile.TemporaryDirectory(prefix="slmrl-report-") as folder:
         summary = write_files(records, Path(folder))
         root.child("report").upload(Path(folder))

@@ -36,6 +36,7 @@ from typing import Any
 from slmrl_ray.artifacts import RunPaths, stage_fingerprints, write_json
 from slmrl_ray.checks import TrainingCheckError
 from slmrl_ray.config import PipelineConfig
+from slmrl_ray.lease import pid_alive
 from slmrl_ray.stages.ppo_state import (
     NonFiniteError,
     PPODivergedError,
@@ -88,22 +89,10 @@ def prune_scratch() -> list[Path]:
             continue
         if owner.get("host") != socket.gethostname():
             continue
-        if owner.get("pid") == os.getpid() or not _alive(owner.get("pid")):
+        if owner.get("pid") == os.getpid() or not pid_alive(owner.get("pid")):
             shutil.rmtree(owner_file.parent, ignore_errors=True)
             removed.append(owner_file.parent)
     return removed
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_trial_device(gpus_assigned: float, allow_logical_gpus: bool) -> None:
