@@ -294,6 +294,53 @@ def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage_and_a_diver
     assert scratch_left("killed") == []  # the killed trials' scratch was pruned by the next attempts
 
 
+def _seen_checkpoint(config):
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    tune.report({"seen": checkpoint.path if checkpoint else None})
+
+
+@pytest.mark.parametrize("newest_complete", [True, False])
+def test_a_trial_whose_recorded_checkpoint_was_deleted_resumes_from_the_newest_complete_one(
+        ray_cluster, tmp_path, newest_complete):
+    """Tune records a trial's latest checkpoint now and then and deletes old ones as new ones
+    come: a driver killed in between names a deleted checkpoint (CI saw this fail every retry)."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+
+    from slmrl_ray.tuning.trial import MANIFEST, resumable
+
+    trial = tmp_path / "phase" / "trial"
+    for index, complete in ((3, True), (4, newest_complete), (5, False)):
+        folder = trial / f"checkpoint_{index:06d}"
+        (folder / "ppo").mkdir(parents=True)
+        (folder / "ppo" / "state").write_text("0123456789")
+        # 5 and (unless newest_complete) 4: an upload cut short, one file short of its manifest
+        (folder / MANIFEST).write_text(json.dumps({"ppo/state": 10 if complete else 11}))
+    trainable_class = resumable(_seen_checkpoint)
+    assert trainable_class.__name__ == "_seen_checkpoint"  # trial folders keep the function's name
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="phase", trial_dir_name="trial")
+    trainable = trainable_class(config={}, storage=storage)
+    try:
+        trainable.restore(_TrainingResult(tune.Checkpoint(str(trial / "checkpoint_000006")), {}))
+        expected = 4 if newest_complete else 3
+        assert trainable.train()["seen"] == str(trial / f"checkpoint_{expected:06d}")
+        assert storage.current_checkpoint_index == expected  # the next checkpoint overwrites none kept
+    finally:
+        trainable.stop()
+
+    for folder in trial.iterdir():
+        (folder / MANIFEST).unlink()  # none complete: the trial starts afresh instead of failing
+    trainable = trainable_class(config={}, storage=storage)
+    try:
+        trainable.restore(_TrainingResult(tune.Checkpoint(str(trial / "checkpoint_000006")), {}))
+        assert trainable.train()["seen"] is None
+    finally:
+        trainable.stop()
+
+
 # ---------------------------------------------------------------- S3-compatible storage
 
 

@@ -131,7 +131,7 @@ def init_ray(experiment: TuneExperiment) -> None:
 def _trainable(experiment: TuneExperiment, phase: Phase, root: Storage, artifacts: Storage):
     from ray import tune
 
-    from slmrl_ray.tuning.trial import cell_trial
+    from slmrl_ray.tuning.trial import cell_trial, resumable
 
     resources = experiment.config.resources
     trainable = tune.with_parameters(
@@ -142,7 +142,7 @@ def _trainable(experiment: TuneExperiment, phase: Phase, root: Storage, artifact
         storage_uri=root.uri,
         artifacts_uri=artifacts.uri,
     )
-    return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+    return tune.with_resources(resumable(trainable), {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
 def _run_config(experiment: TuneExperiment, phase: Phase, root: Storage):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -58,6 +59,7 @@ class TrialDeviceError(RuntimeError):
 
 
 OWNER = ".owner.json"
+MANIFEST = "manifest.json"  # in every Tune checkpoint: each file's size, to tell a complete one
 
 
 def scratch_root() -> Path:
@@ -209,6 +211,73 @@ class TuneReporter:
         write_json(folder / "progress.json", {"stages_done": self.stages_done, "sequence": self._count})
         if ppo_state is not None:
             export_checkpoint(ppo_state, self.paths.ppo, folder / "ppo")
+        sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+        write_json(folder / MANIFEST, sizes)
+
+
+def checkpoint_complete(filesystem, path: str) -> bool:
+    """Whether the Tune checkpoint at `path` holds every file its manifest lists, at its size."""
+    import pyarrow.fs as pafs
+
+    try:
+        with filesystem.open_input_stream(f"{path}/{MANIFEST}") as stream:
+            sizes = json.loads(stream.read())
+    except (OSError, ValueError):
+        return False
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in sizes])
+    return all(info.type == pafs.FileType.File and info.size == sizes[name] for name, info in zip(sizes, infos))
+
+
+def newest_complete_checkpoint(filesystem, trial_path: str) -> tuple[int, str] | None:
+    """The index and path of the newest complete `checkpoint_NNNNNN` in a trial's folder."""
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True)):
+        match = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
+        if match and info.type == pafs.FileType.Directory:
+            found.append((int(match.group(1)), info.path))
+    return next(((index, path) for index, path in sorted(found, reverse=True)
+                 if checkpoint_complete(filesystem, path)), None)
+
+
+def resumable(trainable):
+    """The function `trainable` as Tune's trainable class, with a restore that survives a
+    checkpoint Tune itself deleted.
+
+    Tune saves its experiment state (each trial's latest checkpoint) every so often, and
+    deletes old checkpoints (`keep_checkpoints`) as new ones arrive. A driver killed between
+    the two leaves a state naming a deleted checkpoint, and Tune's restore fails on every
+    retry. Here a missing checkpoint falls back to the newest complete one (by its manifest) in
+    the trial's folder (what Ray's `TUNE_FALLBACK_TO_LATEST_CHECKPOINT` did before its
+    storage rewrite), and with none left the trial starts afresh: its finished stages come
+    back from the artifact store, only PPO reruns.
+    """
+    import pyarrow.fs as pafs
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class ResumableTrainable(wrap_function(trainable)):
+        def restore(self, checkpoint_path):
+            if not isinstance(checkpoint_path, _TrainingResult):
+                return super().restore(checkpoint_path)
+            checkpoint = checkpoint_path.checkpoint
+            filesystem = checkpoint.filesystem
+            if filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound:
+                return super().restore(checkpoint_path)  # Tune registers a checkpoint once it is persisted
+            newest = newest_complete_checkpoint(filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0])
+            if newest is None:
+                print(f"[resume] checkpoint {checkpoint.path} is gone and no complete one is left: "
+                      "starting the trial afresh")
+                return None
+            index, path = newest
+            print(f"[resume] checkpoint {checkpoint.path} is gone: resuming from {path}")
+            self._storage.current_checkpoint_index = max(self._storage.current_checkpoint_index, index)
+            return super().restore(_TrainingResult(tune.Checkpoint(path, filesystem), checkpoint_path.metrics))
+
+    ResumableTrainable.__name__ = ResumableTrainable._name  # trials stay named after the function
+    return ResumableTrainable
 
 
 def cell_trial(params: dict[str, Any], experiment: TuneExperiment, kind: str,
