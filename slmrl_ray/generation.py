@@ -9,14 +9,17 @@ batch but the longest prompt's to one token (SPEC 1.5).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -42,10 +45,11 @@ class Generation(NamedTuple):
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Sequence[int]], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-truncate each prompt to `max_length` tokens, then left-pad the batch."""
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
+    """Left-truncate each prompt (a text, or its tokens) to `max_length` tokens, then left-pad the batch."""
+    encoded = [list(p if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"])[-max_length:]
+               for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("every prompt must contain at least one token")
     width = max(len(ids) for ids in encoded)
@@ -147,3 +151,208 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, generation: Generation)
         tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
         for ids, mask in zip(generation.response_ids, generation.response_mask)
     ]
+
+
+# ----------------------------------------------------------------------------- serving rows
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """One row of a served batch: its own sampling, length, stop strings and generator.
+
+    Rows with different settings share one `generate_rows` call; each stops on its own.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    generator: torch.Generator | None = None  # None: the global RNG
+    logprobs: bool = False  # keep this row's raw logits for log-probabilities
+    cancel: threading.Event | None = None  # set: the row ends at the next step (finish reason "abort")
+
+
+@dataclass
+class RowOutput:
+    token_ids: list[int]  # the tokens returned: up to EOS, the stop string's last token, or the length
+    pieces: list[str]  # their text as it was sent, piece by piece (without a stop string)
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (cancelled)
+    logits: list[torch.Tensor] | None = None  # [V] raw logits before each returned token
+
+
+class MixedRowSampler(LogitsProcessor):
+    """Picks each row's next token by that row's own settings (penalties, temperature, top-p,
+    greedy or its generator) and masks every other token, so HF's greedy step takes it.
+
+    HF's own warpers do temperature and top-p, one row at a time; the draw uses the row's
+    generator (or the global RNG), so a seeded row's tokens depend on its seed alone,
+    whatever shares its batch.
+    """
+
+    def __init__(self, rows: Sequence[RowSettings], prompt_width: int) -> None:
+        self.rows, self.prompt_width = list(rows), prompt_width
+        self.warpers = [
+            [TemperatureLogitsWarper(row.temperature)] + ([TopPLogitsWarper(row.top_p)] if row.top_p < 1.0 else [])
+            if row.temperature > 0 else []
+            for row in self.rows
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        drawn = []
+        for index, (row, warpers) in enumerate(zip(self.rows, self.warpers)):
+            logits = scores[index : index + 1].float()
+            if row.presence_penalty or row.frequency_penalty:
+                counts = torch.bincount(input_ids[index, self.prompt_width :], minlength=logits.shape[-1])
+                counts = counts[: logits.shape[-1]].to(logits.dtype)
+                logits = logits - row.frequency_penalty * counts - row.presence_penalty * (counts > 0).to(logits.dtype)
+            if row.temperature == 0:
+                drawn.append(logits.argmax(dim=-1))
+                continue
+            for warper in warpers:
+                logits = warper(input_ids[index : index + 1], logits)
+            drawn.append(torch.multinomial(torch.softmax(logits, dim=-1)[0], 1, generator=row.generator))
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, torch.cat(drawn).view(-1, 1), 0.0)
+
+
+class TextStream:
+    """A row's text, token by token: `tokenizers`' `DecodeStream` on a fast tokenizer (it holds
+    back a token that ends mid-character), else the difference of decoded prefixes."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.backend, self.stream = backend, DecodeStream(skip_special_tokens=True)
+        else:
+            self.backend, self.ids, self.text = None, [], ""
+
+    def step(self, token: int) -> str:
+        if self.backend is not None:
+            return self.stream.step(self.backend, token) or ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character cut in half: wait for its other bytes
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+class RowStops(StoppingCriteria):
+    """Ends each row on its own: at EOS, at its `max_new_tokens`, once its text holds one of its
+    stop strings, or once its `cancel` event is set (the client went away).
+
+    It detokenises incrementally (`TextStream`) and hands each row's new text to
+    `on_piece(row, text)` as soon as it is final: text that could still become a stop string
+    is held back until it cannot, and a stop string and what follows it are never sent.
+    """
+
+    def __init__(self, rows: Sequence[RowSettings], prompt_width: int, tokenizer: PreTrainedTokenizerBase,
+                 on_piece: Callable[[int, str], None] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.rows, self.prompt_width = list(rows), prompt_width
+        self.eos = tokenizer.eos_token_id
+        self.streams = [TextStream(tokenizer) for _ in self.rows]
+        self.texts = ["" for _ in self.rows]  # decoded so far
+        self.pieces: list[list[str]] = [[] for _ in self.rows]  # sent so far (the row's text, once it ends)
+        self.sent = [0 for _ in self.rows]
+        self.lengths: list[int | None] = [None for _ in self.rows]
+        self.reasons: list[str] = ["length" for _ in self.rows]
+        self.on_piece, self.on_step = on_piece, on_step
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        if self.on_step is not None:
+            self.on_step(sum(length is None for length in self.lengths))
+        for index, row in enumerate(self.rows):
+            if self.lengths[index] is not None:
+                continue
+            if row.cancel is not None and row.cancel.is_set():
+                self.lengths[index], self.reasons[index] = generated, "abort"
+                continue
+            token = int(input_ids[index, -1])
+            piece = self.streams[index].step(token)
+            before = len(self.texts[index])
+            self.texts[index] += piece
+            text = self.texts[index]
+            start = max(0, before - max(map(len, row.stop), default=0))
+            cuts = [found for stop in row.stop if stop and (found := text.find(stop, start)) >= 0]
+            if cuts:
+                self.lengths[index], self.reasons[index] = generated, "stop"
+                self._send(index, min(cuts))
+            elif token == self.eos or generated >= row.max_new_tokens:
+                self.lengths[index] = generated
+                self.reasons[index] = "stop" if token == self.eos else "length"
+                self._send(index, len(text))
+            else:
+                self._send(index, len(text) - _held_back(text, row.stop))
+        return torch.tensor([length is not None for length in self.lengths], device=input_ids.device)
+
+    def finish(self) -> None:
+        """Rows still open when `generate` ended (it stops at the longest row's length)."""
+        for index in range(len(self.rows)):
+            if self.lengths[index] is None:
+                self._send(index, len(self.texts[index]))
+
+    def _send(self, index: int, upto: int) -> None:
+        if upto > self.sent[index]:
+            piece = self.texts[index][self.sent[index]:upto]
+            self.pieces[index].append(piece)
+            self.sent[index] = upto
+            if self.on_piece is not None:
+                self.on_piece(index, piece)
+
+
+@torch.no_grad()
+def generate_rows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | Sequence[int]],
+    rows: Sequence[RowSettings],
+    max_prompt_length: int,
+    device: torch.device,
+    on_piece: Callable[[int, str], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[RowOutput]:
+    """One `generate` call for rows with different settings (the serving engine).
+
+    The batch runs until its longest row ends; a row that ends earlier (EOS, a stop string,
+    its own max_new_tokens, its cancel event) gets padding after that, and returns only its
+    own tokens. Stop strings end a row inside the loop, not after the fact. `on_piece(row,
+    text)` streams each row's text as it is decoded (`RowStops`); `on_step(rows)` is called
+    once per step with the number of rows still generating.
+    """
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
+    width = query_ids.shape[1]
+    stops = RowStops(rows, width, tokenizer, on_piece, on_step)
+    keep_logits = any(row.logprobs for row in rows)
+    output = model.generate(
+        input_ids=query_ids.to(device),
+        attention_mask=query_mask.to(device),
+        max_new_tokens=max(row.max_new_tokens for row in rows),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        do_sample=False,  # the token is drawn in MixedRowSampler; HF's argmax takes it
+        logits_processor=LogitsProcessorList([MixedRowSampler(rows, width)]),
+        stopping_criteria=StoppingCriteriaList([stops]),
+        output_logits=keep_logits,
+        return_dict_in_generate=True,
+    )
+    stops.finish()
+    sequences = output.sequences[:, width:]
+    results = []
+    for index, row in enumerate(rows):
+        length = stops.lengths[index] if stops.lengths[index] is not None else sequences.shape[1]
+        logits = [step[index].float().cpu() for step in output.logits[:length]] if row.logprobs else None
+        results.append(RowOutput(sequences[index, :length].tolist(), stops.pieces[index], stops.reasons[index],
+                                 logits))
+    return results

@@ -121,21 +121,25 @@ def smollm2_dir(gguf_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_application(ray_cluster):
-    """Start the Serve application on a free 127.0.0.1 port: `serve_application(args, name)` gives
-    its URL; Serve shuts down after the module."""
+    """Start Serve applications on one free 127.0.0.1 port: `serve_application(args, name,
+    route_prefix)` gives the application's URL; Serve shuts down after the module."""
     import socket
 
     from ray import serve
 
     from slmrl_ray.serving.app import build_app
 
-    def start(args: dict, name: str) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=name, route_prefix="/")
-        return f"http://127.0.0.1:{port}"
+    port = None
+
+    def start(args: dict, name: str, route_prefix: str = "/") -> str:
+        nonlocal port
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        return f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
 
     yield start
     serve.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,72 @@ def test_a_seeded_row_samples_the_same_alone_and_in_any_batch(neox_run):
     greedy = generate(model, tokenizer, ["The town of"], SamplingSettings(16, greedy=True), 64, CPU)
     forced = generate(model, tokenizer, ["The town of"], narrow, 64, CPU, [seeded(1)])
     assert forced.response_ids.tolist() == greedy.response_ids.tolist()
+
+
+def test_rows_with_different_settings_share_a_generate_call_and_each_ends_on_its_own(neox_run):
+    """The serving engine: greedy, seeded and penalised rows in one batch, each with its own
+    length and stop strings; its log-probabilities are the policy's own."""
+    from slmrl_ray.generation import RowSettings, generate_rows
+
+    _, paths, _ = neox_run
+    tokenizer = load_tokenizer(paths.sft / "model")
+    model = load_causal_lm(paths.sft / "model", tokenizer).eval()
+    greedy = RowSettings(max_new_tokens=20, temperature=0, logprobs=True)
+    seeded = lambda seed, n=12: RowSettings(n, 0.9, 0.95, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    prompts = ["Once upon a time", "The town of", "A dog named Max", "The town of"]
+    rows = [greedy, seeded(7), RowSettings(6, 1.0, frequency_penalty=2.0, presence_penalty=1.0), seeded(7, 20)]
+    batch = generate_rows(model, tokenizer, prompts, rows, 64, CPU)
+
+    offline = generate(model, tokenizer, prompts[:1], SamplingSettings(20, greedy=True), 64, CPU)
+    assert batch[0].token_ids == offline.response_ids[0][offline.response_mask[0].bool()].tolist()
+    assert "".join(batch[0].pieces) == decode_responses(tokenizer, offline)[0]  # incremental = whole decode
+    (alone,) = generate_rows(model, tokenizer, ["The town of"], [seeded(7)], 64, CPU)
+    assert batch[1].token_ids == alone.token_ids  # the seed alone decides, whatever shares the batch
+    for row, output in zip(rows, batch):  # each row to its own length (or its EOS)
+        assert len(output.token_ids) == row.max_new_tokens or output.finish_reason == "stop"
+        assert len(output.token_ids) <= row.max_new_tokens
+
+    # Log-probabilities: the raw model's, as a forward pass over prompt + response gives them.
+    prompt_ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        forward = torch.log_softmax(model(torch.tensor([prompt_ids + batch[0].token_ids])).logits[0].float(), -1)
+    for step, (token, logits) in enumerate(zip(batch[0].token_ids, batch[0].logits)):
+        assert torch.log_softmax(logits, -1)[token].item() == pytest.approx(
+            forward[len(prompt_ids) - 1 + step, token].item(), abs=1e-4)
+    assert batch[1].logits is None
+
+    # A stop string ends its row inside the loop (fewer tokens, finish "stop") and is never sent,
+    # not even the part of it that came first.
+    text, pieces = "".join(batch[0].pieces), batch[0].pieces
+    # A stop string across two tokens: the end of one piece and the start of the next. Its first
+    # character comes with a token of its own and must wait until the next shows it is a stop.
+    boundaries = [sum(map(len, pieces[:k + 1])) for k in range(1, len(pieces) - 1)]
+    stop, at = next((text[b - 1:b + 2], b - 1) for b in boundaries
+                    if len(text[b - 1:b + 2]) == 3 and text.find(text[b - 1:b + 2]) == b - 1)
+    assert text.index(stop) == at
+    sent = []
+    (stopped,) = generate_rows(model, tokenizer, prompts[:1], [RowSettings(20, 0, stop=(stop,))], 64, CPU,
+                               on_piece=lambda row, piece: sent.append(piece))
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < len(batch[0].token_ids)
+    assert "".join(sent) == "".join(stopped.pieces) == text[: text.index(stop)]
+
+    # Cancelling a row (its client went away) ends it at the next step; the others go on.
+    cancel = threading.Event()
+
+    def cancel_after_three(row, piece):
+        if row == 0 and len(sent_before_cancel) == 2:
+            cancel.set()
+        if row == 0:
+            sent_before_cancel.append(piece)
+
+    sent_before_cancel = []
+    steps = []
+    cancelled, other = generate_rows(model, tokenizer, prompts[:2], [RowSettings(20, 0, cancel=cancel),
+                                                                      RowSettings(12, 0)], 64, CPU,
+                                     on_piece=cancel_after_three, on_step=steps.append)
+    assert cancelled.finish_reason == "abort" and len(cancelled.token_ids) <= 4
+    assert len(other.token_ids) == 12 or other.finish_reason == "stop"
+    assert sum(steps) == len(cancelled.token_ids) + len(other.token_ids)  # the live token count
 
 
 def test_the_first_eos_ends_a_response():

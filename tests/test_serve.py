@@ -62,6 +62,14 @@ def test_models_lists_every_policy_and_reward_model_with_provenance(client, runs
     provenance = models["ppo/pythia-70m/tinystories"].model_extra["provenance"]
     stage = json.loads((paths.ppo / "stage.json").read_text())
     assert provenance == {"cell": "pythia-70m/tinystories", "stage": "ppo", "artifact": stage["fingerprint"]}
+    # created: when the weights were written; max_model_len: the model's own context length
+    weights = json.loads((paths.ppo / "model" / "config.json").read_text())
+    one = client.models.retrieve("ppo/pythia-70m/tinystories")
+    assert one.id == "ppo/pythia-70m/tinystories" and one.model_extra["max_model_len"] == weights["max_position_embeddings"]
+    assert one.created == int((paths.ppo / "model" / "config.json").stat().st_mtime) > 1_600_000_000
+    assert models["reward/pythia-70m/tinystories"].model_extra["max_model_len"] > 0
+    missing = httpx.get(f"{client.base_url}models/ppo/nope/nothing", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
 
 
 def test_openai_client_completions_chat_and_streaming(client):
@@ -82,6 +90,64 @@ def test_openai_client_completions_chat_and_streaming(client):
     pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
     assert len(pieces) > 1 and "".join(pieces) == chat.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    # stream_options.include_usage: a last chunk with the usage, and none on the others.
+    stream = client.chat.completions.create(model="sft/smollm2-135m/wikitext", max_tokens=16, seed=3,
+                                            messages=[{"role": "user", "content": "The river"}], stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+
+    # max_completion_tokens is OpenAI's newer name for max_tokens; echo puts the prompt first.
+    short = client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time",
+                                      max_tokens=16, extra_body={"max_completion_tokens": 3}, temperature=0)
+    assert short.usage.completion_tokens <= 3
+    echoed = client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time",
+                                       max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Once upon a time" + short.choices[0].text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_logprobs_are_the_policys_own_log_probabilities(client, runs, chat):
+    """Each returned token's log-probability and its top alternatives equal a forward pass of
+    the policy over prompt + completion (the raw distribution, as vLLM returns by default)."""
+    import torch
+
+    from slmrl_ray.models import load_causal_lm, load_tokenizer
+
+    config, paths = runs["pythia-70m/tinystories"]
+    tokenizer = load_tokenizer(paths.ppo / "model")
+    model = load_causal_lm(paths.ppo / "model", tokenizer).eval()
+    prompt = "Once upon a time"
+    if chat:
+        answer = client.chat.completions.create(model="ppo/pythia-70m/tinystories", max_tokens=10, seed=4,
+                                                messages=[{"role": "user", "content": prompt}],
+                                                logprobs=True, top_logprobs=3)
+        entries = [(e.model_extra["token_id"], e.logprob, [(t.model_extra["token_id"], t.logprob)
+                                                         for t in e.top_logprobs])
+                   for e in answer.choices[0].logprobs.content]
+    else:
+        answer = client.completions.create(model="ppo/pythia-70m/tinystories", prompt=prompt, max_tokens=10,
+                                           seed=4, logprobs=3)
+        logprobs = answer.choices[0].logprobs  # top alternatives keyed by their text, as OpenAI's
+        entries = [(token_id, value, [(None, v) for v in top.values()])
+                   for token_id, value, top in zip(logprobs.model_extra["token_ids"], logprobs.token_logprobs,
+                                                   logprobs.top_logprobs)]
+    assert len(entries) == answer.usage.completion_tokens > 0
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + [token_id for token_id, _, _ in entries]
+    with torch.no_grad():
+        forward = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for step, (token_id, value, top) in enumerate(entries):
+        expected = forward[len(prompt_ids) - 1 + step]
+        assert value == pytest.approx(expected[token_id].item(), abs=1e-4)
+        best = expected.topk(3)
+        assert all(any(abs(v - b) < 1e-4 for b in best.values.tolist()) for _, v in top) and top
+        if chat:  # by id: two tokens that decode alike stay apart
+            assert [i for i, _ in top] == best.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("cell", ["pythia-70m/tinystories", "smollm2-135m/wikitext"])
@@ -136,6 +202,8 @@ def test_stop_sequences_cut_the_text(client):
     cut = client.completions.create(model="sft/pythia-70m/tinystories", prompt="Once upon a time",
                                     max_tokens=32, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # The stop string ended generation in the engine: usage counts only the tokens returned.
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
 
 
 @pytest.mark.parametrize(
@@ -152,7 +220,23 @@ def test_stop_sequences_cut_the_text(client):
          400, "messages.0.role"),
         ("/v1/rewards", {"model": "pythia-70m/tinystories", "pairs": [{"prompt": "a", "response": "b"}] * 9}, 400, "pairs"),
         ("/v1/rewards", {"model": "reward/unknown/cell", "pairs": [{"prompt": "a", "response": "b"}]}, 404, "model"),
-        ("/v1/best_of_n", {"model": "reward/pythia-70m/tinystories", "prompt": "hi"}, 404, "model"),
+        ("/v1/best_of_n", {"model": "reward/pythia-70m/tinystories", "prompt": "hi"}, 400, "model"),
+        ("/v1/completions", {"model": "reward/pythia-70m/tinystories", "prompt": "hi"}, 400, "model"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "max_completion_tokens": 33},
+         400, "max_completion_tokens"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "stream_options": {}},
+         400, "stream_options"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "echo": True, "logprobs": 1},
+         400, "echo"),
+        ("/v1/chat/completions", {"model": "sft/pythia-70m/tinystories", "messages": [{"role": "user", "content": "x"}],
+                                  "top_logprobs": 2}, 400, "top_logprobs"),
+        ("/v1/chat/completions", {"model": "sft/pythia-70m/tinystories", "messages": [{"role": "user", "content": "x"}],
+                                  "presence_penalty": 3}, 400, "presence_penalty"),
+        *[("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", field: value}, 400, field)
+          for field, value in [("best_of", 3), ("logit_bias", {"50256": -100}), ("suffix", "end"),
+                               ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                               ("tool_choice", "auto"), ("functions", [{"name": "f"}])]],
     ],
 )
 def test_bad_requests_get_a_json_4xx_naming_the_field(server, route, body, status, param):
@@ -175,7 +259,9 @@ _json_values = st.recursive(
     max_leaves=10,
 )
 _fields = st.sampled_from(["model", "prompt", "messages", "max_tokens", "n", "temperature", "top_p", "stop",
-                           "seed", "stream", "pairs", "cell", "response"])
+                           "seed", "stream", "pairs", "cell", "response", "logprobs", "top_logprobs", "echo",
+                           "max_completion_tokens", "stream_options", "best_of", "presence_penalty", "tools",
+                           "logit_bias", "response_format"])
 _models = st.sampled_from(["ppo/pythia-70m/tinystories", "sft/smollm2-135m/wikitext", "pythia-70m/tinystories",
                            "reward/pythia-70m/tinystories", "", "x" * 300])
 _bodies = st.one_of(
@@ -186,19 +272,47 @@ _bodies = st.one_of(
                                                         "stop": _json_values, "seed": _json_values,
                                                         "cell": _models}),
     st.dictionaries(_fields, _json_values, max_size=6),
+    # Near-valid requests: every sampling field at plausible and edge values, so the engine runs.
+    st.fixed_dictionaries(
+        {"model": _models, "prompt": st.sampled_from(["Once upon a time", "The river", " ", "\u00e9\u00e9\u00e9"])},
+        optional={"max_tokens": st.integers(-1, 40), "max_completion_tokens": st.integers(-1, 40),
+                  "temperature": st.floats(-0.5, 2.5), "top_p": st.floats(-0.1, 1.1), "n": st.integers(0, 5),
+                  "seed": st.integers(-1, 2**64), "stream": st.booleans(), "echo": st.booleans(),
+                  "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+                  "logprobs": st.one_of(st.booleans(), st.integers(-1, 21)), "top_logprobs": st.integers(-1, 21),
+                  "presence_penalty": st.floats(-3, 3), "frequency_penalty": st.floats(-3, 3),
+                  "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5)),
+                  "best_of": st.integers(0, 3),
+                  "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
+                                                              "content": st.text(max_size=20)}), max_size=3)}),
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/rewards", "/v1/compare",
-                              "/v1/best_of_n"]),
-       body=_bodies, raw=st.booleans(), junk=st.binary(max_size=40))
-def test_malformed_requests_never_get_a_5xx(server, route, body, raw, junk):
-    payload = junk if raw else json.dumps(body, allow_nan=True)
-    response = post(server, route, payload)
-    assert response.status_code < 500, (route, payload, response.status_code, response.text)
-    if response.status_code >= 400:
-        assert response.json()["error"]["message"]
+_cases = st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/rewards", "/v1/compare",
+                                     "/v1/best_of_n", "/v1/models/x", "/health"]),
+                   _bodies, st.booleans(), st.binary(max_size=40))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases=st.lists(_cases, min_size=10, max_size=10))
+def test_malformed_requests_never_get_a_5xx(server, cases):
+    """2,000 cases (200 examples of 10, sent 3 at a time: within the policy replica's queue,
+    so a 503 would be a real failure, not overload) across every route."""
+    async def send():
+        gate = asyncio.Semaphore(3)
+        async with httpx.AsyncClient(timeout=120, headers={"content-type": "application/json", **AUTH}) as session:
+            async def one(route, body, raw, junk):
+                payload = junk if raw else json.dumps(body, allow_nan=True)
+                async with gate:
+                    if route in ("/v1/models/x", "/health"):
+                        return route, payload, await session.get(f"{server}{route}")
+                    return route, payload, await session.post(f"{server}{route}", content=payload)
+            return await asyncio.gather(*(one(*case) for case in cases))
+
+    for route, payload, response in asyncio.run(send()):
+        assert response.status_code < 500, (route, payload, response.status_code, response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]["message"]
 
 
 def test_concurrent_reward_requests_are_batched(server):
@@ -219,15 +333,22 @@ def test_concurrent_completions_share_a_generate_call_and_greedy_output_is_uncha
 
     async def together():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
-            prompts = ["The history of", "The river", "The history of", "In 1990 the"]
-            bodies = [{"model": "sft/smollm2-135m/wikitext", "prompt": p, "max_tokens": 12, "temperature": 0}
-                      for p in prompts]
+            # Different lengths, temperatures and penalties: still one generate call.
+            bodies = [{"model": "sft/smollm2-135m/wikitext", "prompt": "The history of", "max_tokens": 12,
+                       "temperature": 0},
+                      {"model": "sft/smollm2-135m/wikitext", "prompt": "The river", "max_tokens": 5,
+                       "temperature": 0.7, "top_p": 0.9, "seed": 1},
+                      {"model": "sft/smollm2-135m/wikitext", "prompt": "The history of", "max_tokens": 12,
+                       "temperature": 0},
+                      {"model": "sft/smollm2-135m/wikitext", "prompt": "In 1990 the", "max_tokens": 8,
+                       "temperature": 1.0, "frequency_penalty": 0.5}]
             return await asyncio.gather(*(session.post(f"{server}/v1/completions", json=b) for b in bodies))
 
     before = httpx.get(f"{server}/health").json()["policy_batches"]["batches"]
     responses = asyncio.run(together())
     texts = [r.json()["choices"][0]["text"] for r in responses]
     assert texts[0] == texts[2] == alone  # left-padded in a batch, greedy decodes as alone
+    assert [r.json()["usage"]["completion_tokens"] <= cap for r, cap in zip(responses, (12, 5, 12, 8))] == [True] * 4
     stats = httpx.get(f"{server}/health").json()["policy_batches"]
     assert stats["max_batch_size"] > 1 and stats["batches"] - before < 4
 
@@ -314,7 +435,7 @@ def test_a_killed_policy_replica_is_replaced_and_serving_continues(server, clien
 
     def replicas() -> set[str]:
         return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if "PolicyDeployment" in a["name"]}
+                if "slmrl#PolicyDeployment" in a["name"]}
 
     before = replicas()
     assert len(before) == 1
@@ -331,3 +452,92 @@ def test_a_killed_policy_replica_is_replaced_and_serving_continues(server, clien
         except Exception:  # noqa: BLE001 (retrying while the new replica starts)
             time.sleep(2)
     assert answer.choices[0].text
+
+
+# ---------------------------------------------------------------- streaming, cancellation, timeouts
+# On an application whose generation is slowed to 0.1 s a step (`faults.token_delay_s`), so
+# that when a token is made is measurable: the tiny models decode a token in milliseconds.
+
+DELAY = 0.1
+
+
+@pytest.fixture(scope="module")
+def slow(serve_application, runs):
+    from ray import serve
+
+    _, paths = runs["pythia-70m/tinystories"]
+    args = {
+        "artifacts": [{"cell": "pythia-70m/tinystories", "stage": stage, "uri": str(paths.stage(stage))}
+                      for stage in ("sft", "ppo", "reward")],
+        "device": "cpu", "limits": {**LIMITS, "request_timeout_s": 2.0},
+        "policy": {"num_cpus": 0.25}, "reward": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.25},
+        "faults": {"token_delay_s": DELAY},
+    }
+    url = serve_application(args, "slow", "/slow")
+    post(url, "/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "Hi", "max_tokens": 1})  # load it
+    yield url
+    serve.delete("slow")
+
+
+def tokens_generated(url: str) -> int:
+    return httpx.get(f"{url}/health", timeout=60).json()["policy_batches"]["tokens_generated"]
+
+
+def test_a_stream_sends_each_piece_as_it_is_generated(slow):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{slow}/v1", api_key="unused", max_retries=0)
+    started = time.perf_counter()
+    arrivals, pieces = [], []
+    for chunk in client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time",
+                                           max_tokens=12, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.perf_counter() - started)
+            pieces.append(chunk.choices[0].text)
+        usage = chunk.usage
+    total = time.perf_counter() - started
+    tokens = usage.completion_tokens
+    assert tokens >= 6, tokens  # (greedy: this prompt does not end early)
+    assert arrivals[0] < total / 3 and total >= tokens * DELAY  # the first piece long before the last token
+    assert arrivals[-1] - arrivals[0] >= (tokens - 2) * DELAY * 0.8  # the pieces came spread out, as made
+    plain = client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time", max_tokens=12,
+                                      temperature=0)
+    assert "".join(pieces) == plain.choices[0].text
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(slow):
+    before = tokens_generated(slow)
+    body = {"model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time", "max_tokens": 32,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{slow}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # one piece, then the client goes away
+    time.sleep(1.0)
+    stopped_at = tokens_generated(slow)
+    time.sleep(1.0)
+    assert tokens_generated(slow) == stopped_at  # nothing runs on
+    assert stopped_at - before < 16, stopped_at - before  # well short of the 32 it asked for
+
+
+def test_a_request_past_the_time_limit_is_stopped_and_says_not_to_retry(slow):
+    from openai import APIStatusError, OpenAI
+
+    before = tokens_generated(slow)
+    response = post(slow, "/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time",
+                                              "max_tokens": 32, "temperature": 0})  # 3.2 s of work, 2 s allowed
+    assert response.status_code == 504 and response.headers["x-should-retry"] == "false"
+    assert response.json()["error"]["type"] == "timeout"
+    time.sleep(1.0)
+    stopped_at = tokens_generated(slow)
+    time.sleep(1.0)
+    assert tokens_generated(slow) == stopped_at and stopped_at - before < 32
+    # The openai client honours it: one attempt, though it would retry a 5xx twice.
+    client = OpenAI(base_url=f"{slow}/v1", api_key="unused", max_retries=2)
+    started = time.perf_counter()
+    with pytest.raises(APIStatusError) as raised:
+        client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time", max_tokens=32,
+                                  temperature=0)
+    assert raised.value.status_code == 504 and time.perf_counter() - started < 4.0

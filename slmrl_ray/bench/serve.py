@@ -39,10 +39,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _drive(url: str, body: dict, requests: int, concurrency: int) -> dict:
+async def _drive(url: str, body: dict, requests: int, concurrency: int, stream: bool = False) -> dict:
+    """`requests` POSTs, `concurrency` at a time; with `stream`, each streamed (`"stream": true`)
+    and the time to its first piece of text recorded too."""
     import httpx
 
     latencies: list[float] = []
+    first_pieces: list[float] = []
     failures = 0
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as session:
@@ -50,19 +53,35 @@ async def _drive(url: str, body: dict, requests: int, concurrency: int) -> dict:
             nonlocal failures
             async with gate:
                 started = time.perf_counter()
-                response = await session.post(url, json=body)
+                if not stream:
+                    response = await session.post(url, json=body)
+                else:
+                    first = None
+                    async with session.stream("POST", url, json={**body, "stream": True}) as response:
+                        async for line in response.aiter_lines():
+                            choices = json.loads(line[6:]).get("choices") if line.startswith("data: {") else None
+                            if first is None and choices and choices[0].get("text"):
+                                first = time.perf_counter() - started
+                    if first is not None:
+                        first_pieces.append(first)
                 latencies.append(time.perf_counter() - started)
                 failures += response.status_code != 200
 
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(requests)))
         wall = time.perf_counter() - started
-    return {"requests": requests, "concurrency": concurrency, "failures": failures,
-            "throughput_rps": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * _percentile(latencies, 0.99)}
+    result = {"requests": requests, "concurrency": concurrency, "failures": failures,
+              "throughput_rps": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
+              "p99_ms": 1000 * _percentile(latencies, 0.99)}
+    if first_pieces:
+        result.update(ttft_p50_ms=1000 * statistics.median(first_pieces),
+                      ttft_p99_ms=1000 * _percentile(first_pieces, 0.99))
+    return result
 
 
-def _measure(base: str, model: str | None, reward: str | None, args) -> dict:
+def _measure(base: str, model: str | None, reward: str | None, args, streams: bool = False) -> dict:
+    """Completions and rewards at each concurrency; with `streams` (a server that streams), the
+    completions once more, streamed, for the time to first token."""
     completion = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 1.0}
     rewards = {"pairs": [{"prompt": PROMPT, "response": " who loved to play in the park."}]}
     if model:
@@ -71,6 +90,9 @@ def _measure(base: str, model: str | None, reward: str | None, args) -> dict:
     for route, body, count in (("completions", completion, args.completions), ("rewards", rewards, args.rewards)):
         asyncio.run(_drive(f"{base}/v1/{route}", body, 4, 4))  # warm-up: models loaded, caches filled
         results[route] = [asyncio.run(_drive(f"{base}/v1/{route}", body, count, c)) for c in CONCURRENCY]
+    if streams:
+        results["completions_streamed"] = [asyncio.run(_drive(f"{base}/v1/completions", completion, args.completions,
+                                                              c, stream=True)) for c in CONCURRENCY]
     return results
 
 
@@ -111,21 +133,28 @@ def bench_serve(cell: str, args) -> dict:
                            "max_queued_requests": 1024},
                 "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 1024}}
     with local_app(app_args, port) as url:
-        return _measure(url, f"ppo/{cell}", f"reward/{cell}", args)
+        return _measure(url, f"ppo/{cell}", f"reward/{cell}", args, streams=True)
 
 
 def comparison_rows(naive: dict, served: dict) -> list[dict]:
-    """One row per route and concurrency: both servers' rates and latencies, formatted for the table."""
+    """One row per route and concurrency: both servers' rates and latencies, formatted for the
+    table. Time to first token: Serve's from its streamed run; the naive server does not
+    stream, so its first token comes with its whole answer (its latency)."""
     rows = []
+    streamed = served.get("completions_streamed") or [None] * len(CONCURRENCY)
     for route in ("completions", "rewards"):
-        for base, ours in zip(naive[route], served[route]):
-            rows.append({
+        for base, ours, stream in zip(naive[route], served[route], streamed):
+            row = {
                 "route": route, "concurrency": base["concurrency"],
                 "naive req/s": f"{base['throughput_rps']:.1f}", "Serve req/s": f"{ours['throughput_rps']:.1f}",
                 "ratio": f"{ours['throughput_rps'] / base['throughput_rps']:.2f}x",
                 "naive p50/p99 ms": f"{base['p50_ms']:.0f}/{base['p99_ms']:.0f}",
                 "Serve p50/p99 ms": f"{ours['p50_ms']:.0f}/{ours['p99_ms']:.0f}",
-            })
+                "naive / Serve TTFT p50 ms": "",
+            }
+            if route == "completions" and stream is not None and "ttft_p50_ms" in stream:
+                row["naive / Serve TTFT p50 ms"] = f"{base['p50_ms']:.0f} / {stream['ttft_p50_ms']:.0f}"
+            rows.append(row)
     return rows
 
 

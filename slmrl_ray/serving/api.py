@@ -1,9 +1,11 @@
 """The HTTP API's request bodies and error responses (OpenAI-compatible where OpenAI has one).
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 whose
-JSON error names the field (`param`), in OpenAI's error shape. Fields OpenAI clients send
-that we do not use (`user`, `stream_options`, ...) are accepted and ignored, as OpenAI's
-own server does; unknown models are a 404.
+JSON error names the field (`param`), in OpenAI's error shape. OpenAI fields the server
+does not implement (`best_of` > 1, `logit_bias`, `tools`, `response_format` other than
+text, `suffix`, ...) are a 400 naming the field, never silently dropped; fields that do not
+change the answer (`user`, `metadata`, ...) are accepted and ignored, as OpenAI's own
+server does; unknown models are a 404.
 """
 
 from __future__ import annotations
@@ -18,14 +20,53 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class StreamOptions(_Request):
+    include_usage: bool = False  # a last chunk with the usage (and `"usage": null` on the others)
+
+
+# OpenAI fields this server does not implement: accepted at their no-op value, else a 400
+# naming the field (never silently dropped).
+_NO_OP = {"best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+          "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+          "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+
+
 class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1)  # unset: 16 for completions (as OpenAI), the cap for chat
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    best_of: object = None
+    logit_bias: object = None
+    tools: object = None
+    tool_choice: object = None
+    functions: object = None
+    function_call: object = None
+    parallel_tool_calls: object = None
+    suffix: object = None
+    response_format: object = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server does not do (best_of > 1, tools, ...)."""
+        for name, no_ops in _NO_OP.items():
+            value = getattr(self, name)
+            if not any(value is None if no_op is None else (type(value) is type(no_op) and value == no_op)
+                       for no_op in no_ops):
+                return name
+        return None
+
+    def asked_tokens(self) -> tuple[int | None, str]:
+        """The requested length and the field that asked for it."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     @field_validator("stop")
     @classmethod
@@ -42,6 +83,11 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     model: str
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # each token's log-probability and its k likeliest alternatives
+    echo: bool = False  # the prompt, then the completion
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(_Request):
@@ -52,6 +98,11 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Pair(_Request):

@@ -16,13 +16,20 @@ Three deployments:
   `/v1/chat/completions` (with `stream`), `/v1/rewards`, `/v1/compare`, `/v1/best_of_n`,
   `/health`. Every answer names its provenance (cell, stage, artifact fingerprint).
 
-Errors are JSON in OpenAI's shape: a bad field is a 400 naming it, an unknown model a 404,
-a body over the limit a 413, an overloaded deployment (its queue full), a replica that died
-mid-request or a request over the time limit a 503, anything unexpected a 500. With an API
-key (`api_key`, or $SLMRL_RAY_API_KEY where the app is built), every route but /health
-needs `Authorization: Bearer <key>`, else a 401. Streaming sends the choices as server-sent events, token by token,
-once generation has finished (the generation path is the batched one that PPO and
-evaluation use, not a token-by-token loop).
+Generation (`generation.generate_rows`) batches requests whatever their sampling settings;
+each row has its own length, stop strings (ended inside the loop), penalties, seed
+(a generator of its own) and log-probabilities. Streaming sends each row's text as it is
+decoded (incremental detokenisation; text that may become a stop string is held back),
+from inside the shared batch. A request whose client disconnects, or that passes
+`limits.request_timeout_s`, is cancelled in the replica: its rows end at the next step.
+
+Errors are JSON in OpenAI's shape: a bad field or a field this server does not implement is
+a 400 naming it, a reward model asked to generate a 400, an unknown model a 404, a body
+over the limit a 413, an overloaded deployment (its queue full) or a replica that died
+mid-request a 503, a request over the time limit a 504 that tells clients not to retry
+(`x-should-retry: false`), anything unexpected a 500. With an API key (`api_key`, or
+$SLMRL_RAY_API_KEY where the app is built), every route but /health needs
+`Authorization: Bearer <key>`, else a 401.
 """
 
 import asyncio
@@ -30,6 +37,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -60,9 +68,9 @@ app = FastAPI(title="slmrl-ray", description="SFT and PPO policies and reward mo
 class Failure(Exception):
     """An error answer decided inside a handler: status, message, field."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, retry: bool = True) -> None:
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.retry = status, param, retry
 
 
 @app.exception_handler(RequestValidationError)
@@ -77,9 +85,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Failure)
 async def _failure(request: Request, exc: Failure):
-    kind = {404: "not_found", 503: "overloaded"}.get(exc.status, "invalid_request_error")
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
-    return error(exc.status, str(exc), exc.param, kind, headers)
+    kind = {404: "not_found", 503: "overloaded", 504: "timeout"}.get(exc.status, "invalid_request_error")
+    # OpenAI's clients retry 5xx unless told not to: overload, yes, after a second; a timeout, no
+    # (the same request would time out again, multiplying the load).
+    headers = {"Retry-After": "1"} if exc.retry else {"x-should-retry": "false"}
+    return error(exc.status, str(exc), exc.param, kind, headers if exc.status >= 500 else None)
 
 
 @app.exception_handler(Exception)
@@ -127,32 +137,43 @@ async def _authorize(request: Request, call_next):
 class PolicyDeployment:
     """Generates from multiplexed policies; the model id comes with each request.
 
-    Requests for the same policy and the same max_tokens/temperature/top_p that arrive
-    together share one `generate` call (`@serve.batch`); a seeded request draws from a
-    generator of its own there, so its seed alone decides its sample.
+    Requests for the same policy that arrive together share one `generate` call
+    (`@serve.batch`), whatever their sampling settings; each row stops on its own (EOS, its
+    stop strings, its max_tokens), and a seeded request draws from a generator of its own,
+    so its seed alone decides its sample.
     """
 
     def __init__(self, models: dict[str, dict], device: str, max_prompt_tokens: int, max_models: int,
-                 max_batch_size: int, batch_wait_timeout_s: float) -> None:
+                 max_batch_size: int, batch_wait_timeout_s: float, token_delay_s: float = 0.0) -> None:
         from slmrl_ray.serving.runners import PolicyRunner
 
         catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
 
+        self.tokens_generated = 0  # every row of every call: a live counter (cancelled rows stop adding)
+        counting = threading.Lock()
+
+        def count(tokens: int) -> None:  # on a generating thread, once per decoding step
+            with counting:
+                self.tokens_generated += tokens
+            if token_delay_s:
+                time.sleep(token_delay_s)
+
         async def load(model_id: str):  # a plain function: Serve keeps its LRU on it
-            return await asyncio.to_thread(PolicyRunner, catalog[model_id], device, max_prompt_tokens)
+            runner = await asyncio.to_thread(PolicyRunner, catalog[model_id], device, max_prompt_tokens)
+            runner.on_tokens = count
+            return runner
 
         self.batch_sizes: list[int] = []
 
         async def generate_batch(items: list[tuple]) -> list[tuple]:
             self.batch_sizes.append(len(items))
-            groups: dict[tuple, list[int]] = {}
-            for index, (runner, _, sampling) in enumerate(items):
-                key = (id(runner), sampling.max_tokens, sampling.temperature, sampling.top_p)
-                groups.setdefault(key, []).append(index)
+            groups: dict[int, list[int]] = {}  # one generate call per policy, whatever the settings
+            for index, (runner, _) in enumerate(items):
+                groups.setdefault(id(runner), []).append(index)
             results: dict[int, tuple] = {}
             for rows in groups.values():
                 runner = items[rows[0]][0]
-                outputs = await asyncio.to_thread(runner.complete_batch, [items[i][1:] for i in rows])
+                outputs = await asyncio.to_thread(runner.complete_batch, [items[i][1] for i in rows])
                 results.update(zip(rows, outputs))
             return [results[i] for i in range(len(items))]
 
@@ -160,21 +181,73 @@ class PolicyDeployment:
         self._generate = serve.batch(max_batch_size=max_batch_size,
                                      batch_wait_timeout_s=batch_wait_timeout_s)(generate_batch)
 
-    async def complete(self, prompt: str | None, messages: list[dict] | None, sampling: dict) -> dict:
-        from slmrl_ray.serving.runners import RequestError, Sampling
+    async def _accept(self, prompt: str | None, messages: list[dict] | None, sampling: dict, **streaming):
+        """The runner and the `Request` (its prompt tokenised once, here); a `RequestError` when
+        the prompt cannot be served."""
+        from slmrl_ray.serving.runners import Request, Sampling
 
         runner = await self._runner(serve.get_multiplexed_model_id())
-        sampling = Sampling(**sampling)
+        text = prompt if messages is None else runner.format_chat(messages)
+        return runner, Request(runner.check_prompt(text), Sampling(**sampling), **streaming)
+
+    async def complete(self, prompt: str | None, messages: list[dict] | None, sampling: dict) -> dict:
+        from slmrl_ray.serving.runners import RequestError
+
+        cancel = threading.Event()
         try:
-            text = prompt if messages is None else runner.format_chat(messages)
-            runner.check_prompt(text)
-            choices, prompt_tokens = await self._generate((runner, text, sampling))
+            runner, request = await self._accept(prompt, messages, sampling, cancel=cancel)
+            choices, prompt_tokens = await self._generate((runner, request))
         except RequestError as failure:
             return {"error": str(failure), "param": failure.param}
+        except asyncio.CancelledError:  # the caller timed out or went away: free the batch slot
+            cancel.set()
+            raise
         return {"choices": [asdict(c) for c in choices], "prompt_tokens": prompt_tokens}
 
+    async def complete_stream(self, prompt: str | None, messages: list[dict] | None, sampling: dict):
+        """Streams a completion as it is generated, inside the same batches as `complete`:
+        first `{"prompt_tokens"}` (or `{"error"}`), then `{"pieces": [[choice, text], ...]}` as
+        rows decode, then `{"choices": [{finish_reason, completion_tokens}, ...]}`. When the
+        caller stops listening (a client that disconnected), the request's rows end."""
+        from slmrl_ray.serving.runners import RequestError
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_piece(choice: int, piece: str) -> None:  # on the generating thread
+            loop.call_soon_threadsafe(queue.put_nowait, [choice, piece])
+
+        try:
+            runner, request = await self._accept(prompt, messages, sampling, on_piece=on_piece, cancel=cancel)
+        except RequestError as failure:
+            yield {"error": str(failure), "param": failure.param}
+            return
+        task = asyncio.ensure_future(self._generate((runner, request)))
+        try:
+            yield {"prompt_tokens": len(request.prompt_ids)}
+            while not (task.done() and queue.empty()):
+                if queue.empty():
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    pieces = [getter.result()]
+                else:
+                    pieces = []
+                while not queue.empty():
+                    pieces.append(queue.get_nowait())
+                yield {"pieces": pieces}
+            choices, _ = task.result()
+            yield {"choices": [{"finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
+                               for c in choices]}
+        finally:
+            if not task.done():  # the stream was abandoned: its rows stop at the next step
+                cancel.set()
+
     def batch_stats(self) -> dict:
-        return _batch_stats(self.batch_sizes)
+        return {**_batch_stats(self.batch_sizes), "tokens_generated": self.tokens_generated}
 
 
 @serve.deployment
@@ -227,32 +300,62 @@ def _batch_stats(sizes: list[int]) -> dict:
 
 
 # Defined before `Gateway`: `serve.ingress` serialises the app when the class is decorated.
-def _choice(index: int, choice: dict, chat: bool) -> dict:
+def _logprobs(choice: dict, chat: bool, offset: int) -> dict | None:
+    """A choice's log-probabilities in OpenAI's shape, with each token's id (`token_id(s)`)."""
+    entries = choice["logprobs"]
+    if entries is None:
+        return None
+    if chat:
+        return {"content": [
+            {"token": e["token"], "token_id": e["token_id"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+             "top_logprobs": [{"token": t["token"], "token_id": t["token_id"], "logprob": t["logprob"],
+                               "bytes": list(t["token"].encode())} for t in e["top"]]}
+            for e in entries]}
+    offsets, position = [], offset
+    for e in entries:
+        offsets.append(position)
+        position += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_ids": [e["token_id"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+
+
+def _choice(index: int, choice: dict, chat: bool, echo: str = "") -> dict:
+    logprobs = _logprobs(choice, chat, len(echo))
     if chat:
         return {"index": index, "message": {"role": "assistant", "content": choice["text"]},
-                "finish_reason": choice["finish_reason"]}
-    return {"index": index, "text": choice["text"], "finish_reason": choice["finish_reason"], "logprobs": None}
+                "finish_reason": choice["finish_reason"], "logprobs": logprobs}
+    return {"index": index, "text": echo + choice["text"], "finish_reason": choice["finish_reason"],
+            "logprobs": logprobs}
 
 
-async def _sse(choices: list[dict], meta: dict, chat: bool):
-    """Server-sent events in OpenAI's streaming format, ending with `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+class _Chunks:
+    """OpenAI's streaming chunks (server-sent events) of one completion."""
 
-    def event(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
-        if chat:
+    def __init__(self, meta: dict, chat: bool, include_usage: bool) -> None:
+        self.meta, self.chat = meta, chat
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self.extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
+
+    def _event(self, payload: dict) -> str:
+        return f"data: {json.dumps({**self.meta, 'object': self.kind, **payload})}\n\n"
+
+    def choice(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+        if self.chat:
             delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+        return self._event({"choices": [choice], **self.extra})
 
-    for index, choice in enumerate(choices):
-        if chat:
-            yield event(index, None, None, role=True)
-        for piece in choice["pieces"]:
-            yield event(index, piece, None)
-        yield event(index, None, choice["finish_reason"])
-    yield "data: [DONE]\n\n"
+    def usage(self, usage: dict) -> str:
+        return self._event({"choices": [], "usage": usage})
+
+    @staticmethod
+    def error(message: str, status: int) -> str:
+        """An error once the 200 has gone out (OpenAI's clients raise it from the stream)."""
+        body = {"message": message, "type": "server_error", "param": None, "code": status}
+        return f"data: {json.dumps({'error': body})}\n\n"
 
 
 @serve.deployment
@@ -269,9 +372,12 @@ class Gateway:
 
     def _policy(self, model_id: str) -> ServedModel:
         model = self.catalog.get(model_id)
-        if model is None or model.stage == "reward":
-            known = ", ".join(sorted(m for m, s in self.catalog.items() if s.stage != "reward"))
+        known = ", ".join(sorted(m for m, s in self.catalog.items() if s.stage != "reward"))
+        if model is None:
             raise Failure(404, f"model {model_id!r} is not served (policies: {known})", "model")
+        if model.stage == "reward":
+            raise Failure(400, f"model {model_id!r} is a reward model: it scores with /v1/rewards and does not "
+                               f"generate (policies: {known})", "model")
         return model
 
     def _reward(self, name: str) -> ServedModel:
@@ -286,23 +392,29 @@ class Gateway:
         """The request's max_tokens within the limit; unset: `default`, or the limit when lower."""
         return min(default, self.limits.max_tokens) if asked is None else asked
 
-    def _check_limits(self, max_tokens: int, n: int = 1) -> None:
+    def _check_limits(self, max_tokens: int, n: int = 1, field: str = "max_tokens") -> None:
         if max_tokens > self.limits.max_tokens:
-            raise Failure(400, f"max_tokens: {max_tokens} is over the limit of {self.limits.max_tokens}", "max_tokens")
+            raise Failure(400, f"{field}: {max_tokens} is over the limit of {self.limits.max_tokens}", field)
         if n > self.limits.max_n:
             raise Failure(400, f"n: {n} is over the limit of {self.limits.max_n}", "n")
 
-    async def _call(self, response):
-        """Await a deployment call under the request time limit; overload is a 503."""
+    async def _call(self, response, cancel=None):
+        """Await a deployment call under the request time limit; overload and a dead replica are
+        a 503, a timeout a 504 that says not to retry. A call that fails or times out is
+        cancelled in its replica (`cancel`, else the response's own), freeing its batch slot."""
         try:
             return await asyncio.wait_for(response, timeout=self.limits.request_timeout_s)
-        except BackPressureError:
-            raise Failure(503, "the server is at capacity; retry shortly") from None
-        except asyncio.TimeoutError:
-            raise Failure(503, f"the request took longer than {self.limits.request_timeout_s} s") from None
-        except RayActorError:
-            raise Failure(503, "a model replica died while serving this request; Serve is replacing it, "
-                               "retry shortly") from None
+        except BaseException as failure:
+            (cancel or getattr(response, "cancel", lambda: None))()
+            if isinstance(failure, BackPressureError):
+                raise Failure(503, "the server is at capacity; retry shortly") from None
+            if isinstance(failure, asyncio.TimeoutError):
+                raise Failure(504, f"the request took longer than {self.limits.request_timeout_s} s "
+                                   f"(limits.request_timeout_s); it was stopped", retry=False) from None
+            if isinstance(failure, RayActorError):
+                raise Failure(503, "a model replica died while serving this request; Serve is replacing it, "
+                                   "retry shortly") from None
+            raise
 
     async def _generate(self, model: ServedModel, prompt=None, messages=None, **sampling) -> dict:
         handle = self.policy.options(multiplexed_model_id=model.model_id)
@@ -310,6 +422,55 @@ class Gateway:
         if "error" in result:
             raise Failure(400, result["error"], result["param"])
         return result
+
+    async def _stream(self, model: ServedModel, prompt, messages, sampling: dict, chunks: _Chunks, echo: str):
+        """A streamed completion: each piece is sent as the policy replica decodes it.
+
+        The first message (the prompt accepted, or a 400) comes before the 200 goes out. When
+        the client disconnects, or the request passes `limits.request_timeout_s`, the replica's
+        stream is cancelled and its rows stop at the next step.
+        """
+        handle = self.policy.options(multiplexed_model_id=model.model_id, stream=True)
+        stream = handle.complete_stream.remote(prompt, messages, sampling)
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        first = await self._call(stream.__anext__(), cancel=stream.cancel)
+        if "error" in first:
+            raise Failure(400, first["error"], first["param"])
+        n = sampling["n"]
+
+        async def events():
+            finished = False
+            try:
+                for index in range(n):
+                    if chunks.chat:
+                        yield chunks.choice(index, role=True)
+                    if echo:
+                        yield chunks.choice(index, echo)
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        message = await asyncio.wait_for(stream.__anext__(), timeout=max(left, 0.001))
+                    except StopAsyncIteration:
+                        break
+                    for index, piece in message.get("pieces", ()):
+                        yield chunks.choice(index, piece)
+                    for index, choice in enumerate(message.get("choices", ())):
+                        yield chunks.choice(index, finish=choice["finish_reason"])
+                    if "choices" in message and chunks.extra:
+                        tokens = sum(c["completion_tokens"] for c in message["choices"])
+                        yield chunks.usage({"prompt_tokens": first["prompt_tokens"], "completion_tokens": tokens,
+                                            "total_tokens": first["prompt_tokens"] + tokens})
+                finished = True
+                yield "data: [DONE]\n\n"
+            except asyncio.TimeoutError:
+                yield chunks.error(f"the request took longer than {self.limits.request_timeout_s} s", 504)
+            except (RayActorError, BackPressureError):
+                yield chunks.error("a model replica died while serving this request", 503)
+            finally:
+                if not finished:  # a timeout, an error, or a client that went away
+                    stream.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _score(self, model: ServedModel, prompts: list[str], responses: list[str]) -> list[float]:
         return await self._call(self.reward.score.remote(model.model_id, prompts, responses))
@@ -322,12 +483,20 @@ class Gateway:
                                                  self._call(self.policy.batch_stats.remote()))
         return {"status": "ok", "models": len(self.catalog), "reward_batches": rewards, "policy_batches": policies}
 
+    @staticmethod
+    def _model_card(model: ServedModel) -> dict:
+        return {"id": model.model_id, "object": "model", "created": model.created, "owned_by": "slmrl-ray",
+                "max_model_len": model.max_model_len, "provenance": model.provenance}
+
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m.model_id, "object": "model", "owned_by": "slmrl-ray", "provenance": m.provenance}
-            for m in self.catalog.values()
-        ]}
+        return {"object": "list", "data": [self._model_card(m) for m in self.catalog.values()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict:
+        if model_id not in self.catalog:
+            raise Failure(404, f"model {model_id!r} is not served", "model")
+        return self._model_card(self.catalog[model_id])
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
@@ -340,22 +509,39 @@ class Gateway:
 
     async def _completion(self, body, chat: bool, prompt=None, messages=None):
         model = self._policy(body.model)
-        max_tokens = self._max_tokens(body.max_tokens, self.limits.max_tokens if chat else 16)
-        self._check_limits(max_tokens, body.n)
-        result = await self._generate(model, prompt, messages, max_tokens=max_tokens,
-                                      temperature=body.temperature, top_p=body.top_p, n=body.n,
-                                      stop=body.stops(), seed=body.seed)
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise Failure(400, f"{unsupported}: not supported by this server", unsupported)
+        if body.stream_options is not None and not body.stream:
+            raise Failure(400, "stream_options: only allowed when stream is true", "stream_options")
+        top_logprobs = body.top_logprobs_asked()
+        if chat and body.top_logprobs is not None and not body.logprobs:
+            raise Failure(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        if top_logprobs is not None and body.stream:
+            raise Failure(400, "logprobs: not supported with stream", "logprobs")
+        echo = prompt if not chat and body.echo else ""
+        if echo and top_logprobs is not None:
+            raise Failure(400, "echo: not supported together with logprobs", "echo")
+        asked, field = body.asked_tokens()
+        max_tokens = self._max_tokens(asked, self.limits.max_tokens if chat else 16)
+        self._check_limits(max_tokens, body.n, field)
+        sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
+                        stop=body.stops(), seed=body.seed, presence_penalty=body.presence_penalty,
+                        frequency_penalty=body.frequency_penalty, logprobs=top_logprobs)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": model.model_id}
         if body.stream:
-            return StreamingResponse(_sse(result["choices"], meta, chat), media_type="text/event-stream")
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await self._stream(model, prompt, messages, sampling, _Chunks(meta, chat, include_usage), echo)
+        result = await self._generate(model, prompt, messages, **sampling)
         completion_tokens = sum(len(c["token_ids"]) for c in result["choices"])
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion_tokens,
+                 "total_tokens": result["prompt_tokens"] + completion_tokens}
         return {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
-            "choices": [_choice(i, c, chat) for i, c in enumerate(result["choices"])],
-            "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion_tokens,
-                      "total_tokens": result["prompt_tokens"] + completion_tokens},
+            "choices": [_choice(i, c, chat, echo) for i, c in enumerate(result["choices"])],
+            "usage": usage,
             "provenance": model.provenance,
         }
 
@@ -426,7 +612,7 @@ def build_app(args: dict):
     rewards = {k: v for k, v in plain.items() if v["stage"] == "reward"}
     policy = PolicyDeployment.options(**_options(parsed.policy)).bind(
         policies, parsed.device, parsed.limits.max_prompt_tokens, parsed.policy.max_models_per_replica,
-        parsed.policy.max_batch_size, parsed.policy.batch_wait_timeout_s)
+        parsed.policy.max_batch_size, parsed.policy.batch_wait_timeout_s, parsed.faults.token_delay_s)
     reward = RewardDeployment.options(**_options(parsed.reward)).bind(
         rewards, parsed.device, parsed.reward.max_models_per_replica, parsed.reward.max_batch_size,
         parsed.reward.batch_wait_timeout_s)

@@ -67,6 +67,13 @@ class RewardSizing(Sizing):
 
 
 @dataclass(frozen=True)
+class ServeFaults:
+    """Rehearsal knobs (tests, load drills); all off by default."""
+
+    token_delay_s: float = 0.0  # a sleep per decoding step: generation as slow as a large model's
+
+
+@dataclass(frozen=True)
 class ServeArgs:
     registry: str | None = None  # registry.json, or an experiment folder (its report/registry.json)
     artifacts: tuple[ArtifactEntry, ...] = ()  # instead of a registry
@@ -81,6 +88,7 @@ class ServeArgs:
     # ($SLMRL_RAY_API_KEY where the app is built): args show in Serve's dashboard; only the key's
     # sha256 reaches the replicas.
     api_key: str | None = None
+    faults: ServeFaults = field(default_factory=ServeFaults)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -97,6 +105,8 @@ class ServedModel:
     uri: str  # the weights folder
     stage_uri: str  # its stage folder (config.json: the pipeline config that made it)
     fingerprint: str  # the artifact's hash: which configs produced it
+    created: int = 0  # when its weights were written (unix seconds; 0 when the store does not say)
+    max_model_len: int | None = None  # the model's context length (its config.json), when it says
 
     @property
     def provenance(self) -> dict:
@@ -107,10 +117,23 @@ def parse_args(args: dict) -> ServeArgs:
     return build_dataclass(ServeArgs, args)
 
 
-def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedModel:
-    from slmrl_ray.storage import join_uri
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "seq_length")
 
-    return ServedModel(f"{stage}/{cell}", stage, cell, join_uri(stage_uri, "model"), stage_uri, fingerprint)
+
+def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedModel:
+    """The served model of a stage folder, with its weights' time and context length (OpenAI's
+    `created`, vLLM's `max_model_len`) read from its `model/config.json`."""
+    from slmrl_ray.storage import Storage, join_uri
+
+    weights = join_uri(stage_uri, "model")
+    config = Storage.from_uri(weights).child("config.json")
+    created, context = 0, None
+    info = config.filesystem.get_file_info(config.path)
+    if info.is_file:
+        created = int(info.mtime.timestamp()) if info.mtime is not None else 0
+        settings = config.read_json()
+        context = next((settings[k] for k in _CONTEXT_KEYS if isinstance(settings.get(k), int)), None)
+    return ServedModel(f"{stage}/{cell}", stage, cell, weights, stage_uri, fingerprint, created, context)
 
 
 def _registry(uri: str):

@@ -1,8 +1,9 @@
 """What a serving replica does with a model, without Ray: load it, generate, score.
 
-`PolicyRunner.complete` runs the same `slmrl_ray.generation.generate` as PPO rollouts
-and evaluation (left padding, masks, the first EOS ends a response), so greedy output
-served over HTTP is token for token what `generate` gives offline. `RewardRunner.score`
+`PolicyRunner.complete_batch` runs `slmrl_ray.generation.generate_rows`: the same encoding
+as PPO rollouts and evaluation (left padding, masks, the first EOS ends a response), with
+each request's own settings per row, so greedy output served over HTTP is token for token
+what `generate` gives offline (a test checks it). `RewardRunner.score`
 goes through `RewardScorer`, formatted exactly as the reward model was trained. The Ray
 Serve deployments (`slmrl_ray.serving.app`) and the naive single-process baseline of the
 serving benchmark both wrap these.
@@ -19,11 +20,12 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from slmrl_ray.device import resolve_device
-from slmrl_ray.generation import SamplingSettings, generate
+from slmrl_ray.generation import RowOutput, RowSettings, generate_rows
 from slmrl_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from slmrl_ray.scoring import RewardScorer
 from slmrl_ray.serving.config import ServedModel
@@ -69,19 +71,29 @@ class Sampling:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k likeliest alternatives
 
 
 @dataclass(frozen=True)
 class Choice:
     text: str
-    token_ids: list[int]
-    pieces: list[str]  # the text token by token (for streaming)
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    token_ids: list[int]  # the tokens returned (usage counts these)
+    pieces: list[str]  # the text as it was streamed
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (cancelled)
+    logprobs: list[dict] | None = None  # per token: token_id, token, logprob, top [{token_id, token, logprob}]
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    cuts = [text.index(s) for s in stop if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+@dataclass
+class Request:
+    """One request to a policy: its prompt's tokens, its sampling, and optionally where its
+    text goes as it is generated (`on_piece(choice, text)`) and an event that cancels it."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    on_piece: Callable[[int, str], None] | None = None
+    cancel: threading.Event | None = None
 
 
 class PolicyRunner:
@@ -94,10 +106,11 @@ class PolicyRunner:
         self.tokenizer = load_tokenizer(folder)
         self.model = load_causal_lm(folder, self.tokenizer, device=self.device).eval()
         self.max_prompt_tokens = max_prompt_tokens
+        self.on_tokens: Callable[[int], None] | None = None  # told, each step, how many tokens it made
         self._lock = threading.Lock()
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def format_chat(self, messages: list[dict]) -> str:
         """The chat template when the tokenizer has one; else the contents joined by blank lines
@@ -106,62 +119,75 @@ class PolicyRunner:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages)
 
-    def check_prompt(self, prompt: str) -> int:
-        """The prompt's token count; a `RequestError` when it is empty or over the limit."""
-        used = self.prompt_tokens(prompt)
-        if used == 0:
+    def check_prompt(self, prompt: str) -> list[int]:
+        """The prompt's tokens (tokenised once per request); a `RequestError` when it has none
+        or more than the limit."""
+        ids = self.prompt_ids(prompt)
+        if not ids:
             raise RequestError("the prompt is empty after tokenization", "prompt")
-        if used > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {used} tokens; the limit is {self.max_prompt_tokens}", "prompt")
-        return used
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", "prompt")
+        return ids
 
     def complete(self, prompt: str, sampling: Sampling) -> tuple[list[Choice], int]:
         """`n` choices for one prompt, and the prompt's token count."""
-        return self.complete_batch([(prompt, sampling)])[0]
+        return self.complete_batch([Request(self.check_prompt(prompt), sampling)])[0]
 
-    def complete_batch(self, requests: list[tuple[str, Sampling]]) -> list[tuple[list[Choice], int]]:
-        """Several requests in one `generate` call. They must share max_tokens, temperature and
-        top_p (the caller groups them). A seeded request's rows draw from a generator of its own
-        (`generation.RowSampler`), so its sample is the same alone or in any batch."""
-        first = requests[0][1]
-        used = [self.check_prompt(prompt) for prompt, _ in requests]
-        greedy = first.temperature == 0
-        counts = [1 if greedy else s.n for _, s in requests]  # greedy choices are identical: decode once
-        prompts = [prompt for (prompt, _), count in zip(requests, counts) for _ in range(count)]
-        settings = SamplingSettings(first.max_tokens, max(first.temperature, 1e-5), first.top_p, greedy=greedy)
-        generators = None
-        if not greedy and any(s.seed is not None for _, s in requests):
-            own = [None if s.seed is None else torch.Generator(self.device).manual_seed(s.seed) for _, s in requests]
-            generators = [generator for generator, count in zip(own, counts) for _ in range(count)]
+    def complete_batch(self, requests: list[Request]) -> list[tuple[list[Choice], int]]:
+        """Several requests in one `generate` call, whatever their settings
+        (`generation.generate_rows`); for each, its choices and its prompt's token count.
+
+        A seeded request's rows draw from a generator of its own, so its sample is the same
+        alone or in any batch. A request's `on_piece(choice, text)` gets its text as it is
+        generated; setting its `cancel` event ends its rows at the next step.
+        """
+        rows, prompts, owners = [], [], []  # owners: per row, its request and the choices it makes
+        for request in requests:
+            sampling = request.sampling
+            greedy = sampling.temperature == 0
+            generator = None
+            if not greedy and sampling.seed is not None:
+                generator = torch.Generator(self.device).manual_seed(sampling.seed)
+            row = RowSettings(sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.presence_penalty,
+                              sampling.frequency_penalty, sampling.stop, generator, sampling.logprobs is not None,
+                              request.cancel)
+            # greedy choices are identical: one row makes all n
+            for choices in ([range(sampling.n)] if greedy else [[c] for c in range(sampling.n)]):
+                rows.append(row)
+                prompts.append(request.prompt_ids)
+                owners.append((request, list(choices)))
+
+        def on_piece(row: int, piece: str) -> None:
+            request, choices = owners[row]
+            if request.on_piece is not None:
+                for choice in choices:
+                    request.on_piece(choice, piece)
+
+        def on_step(active: int) -> None:
+            if self.on_tokens is not None:
+                self.on_tokens(active)
+
         with self._lock:
-            gen = generate(self.model, self.tokenizer, prompts, settings, self.max_prompt_tokens, self.device,
-                           generators)
-        rows = iter(zip(gen.response_ids, gen.response_mask))
-        results = []
-        for (_, sampling), count, prompt_tokens in zip(requests, counts, used):
-            choices = [self._choice(ids, mask, sampling) for ids, mask in (next(rows) for _ in range(count))]
-            results.append((choices * sampling.n if greedy else choices, prompt_tokens))
-        return results
+            outputs = generate_rows(self.model, self.tokenizer, prompts, rows, self.max_prompt_tokens, self.device,
+                                    on_piece, on_step)
+        made: dict[int, list[Choice]] = {id(request): [] for request in requests}
+        for output, (request, choices) in zip(outputs, owners):
+            made[id(request)] += [self._choice(output, request.sampling)] * len(choices)
+        return [(made[id(request)], len(request.prompt_ids)) for request in requests]
 
-    def _choice(self, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling) -> Choice:
-        token_ids = ids[mask.bool()].tolist()
-        ended = bool(token_ids) and token_ids[-1] == self.tokenizer.eos_token_id
-        pieces, previous = [], ""
-        for end in range(1, len(token_ids) + 1):
-            text = self.tokenizer.decode(token_ids[:end], skip_special_tokens=True)
-            pieces.append(text[len(previous):])
-            previous = text
-        text, stopped = _cut_at_stop(previous, sampling.stop)
-        if stopped:  # keep the pieces consistent with the cut text
-            kept, total = [], 0
-            for piece in pieces:
-                if total + len(piece) > len(text):
-                    kept.append(piece[: len(text) - total])
-                    break
-                kept.append(piece)
-                total += len(piece)
-            pieces = [p for p in kept if p]
-        return Choice(text, token_ids, pieces, "stop" if ended or stopped else "length")
+    def _choice(self, output: RowOutput, sampling: Sampling) -> Choice:
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = [self._logprobs(token, logits, sampling.logprobs)
+                        for token, logits in zip(output.token_ids, output.logits)]
+        return Choice("".join(output.pieces), output.token_ids, output.pieces, output.finish_reason, logprobs)
+
+    def _logprobs(self, token: int, logits: torch.Tensor, top: int) -> dict:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        return {"token_id": token, "token": self.tokenizer.decode([token]), "logprob": float(logprobs[token]),
+                "top": [{"token_id": int(i), "token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+                        for v, i in zip(values, ids)]}
 
 
 class RewardRunner:
