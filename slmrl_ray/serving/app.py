@@ -8,8 +8,8 @@ Three deployments:
   multiplexing (`ppo/pythia-70m/tinystories` is a multiplexed model id; each replica keeps
   an LRU of `policy.max_models_per_replica` loaded policies, and Serve routes a request to a
   replica that already holds its model), and batches concurrent requests into one
-  `generate` call (`@serve.batch`);
-- `RewardDeployment` scores (prompt, response) pairs with `@serve.batch`, so pairs from
+  `generate` call (`serving.batching.Coalescer`);
+- `RewardDeployment` scores (prompt, response) pairs with a `Coalescer` too, so pairs from
   concurrent requests share forward passes;
 - `Gateway`, the FastAPI ingress, validates requests, applies the limits and composes the
   other two through deployment handles: `/v1/models`, `/v1/completions`,
@@ -60,6 +60,7 @@ from slmrl_ray.serving.api import (
     error,
     validation_error,
 )
+from slmrl_ray.serving.batching import Coalescer
 from slmrl_ray.serving.config import Limits, ServedModel, ServeArgs, Sizing, build_catalog, parse_args
 
 app = FastAPI(title="slmrl-ray", description="SFT and PPO policies and reward models of slmrl-ray runs")
@@ -138,7 +139,7 @@ class PolicyDeployment:
     """Generates from multiplexed policies; the model id comes with each request.
 
     Requests for the same policy that arrive together share one `generate` call
-    (`@serve.batch`), whatever their sampling settings; each row stops on its own (EOS, its
+    (`Coalescer`), whatever their sampling settings; each row stops on its own (EOS, its
     stop strings, its max_tokens), and a seeded request draws from a generator of its own,
     so its seed alone decides its sample.
     """
@@ -178,8 +179,7 @@ class PolicyDeployment:
             return [results[i] for i in range(len(items))]
 
         self._runner = serve.multiplexed(max_num_models_per_replica=max_models)(load)
-        self._generate = serve.batch(max_batch_size=max_batch_size,
-                                     batch_wait_timeout_s=batch_wait_timeout_s)(generate_batch)
+        self._generate = Coalescer(generate_batch, max_batch_size, batch_wait_timeout_s)
 
     async def _accept(self, prompt: str | None, messages: list[dict] | None, sampling: dict, **streaming):
         """The runner and the `Request` (its prompt tokenised once, here); a `RequestError` when
@@ -252,7 +252,7 @@ class PolicyDeployment:
 
 @serve.deployment
 class RewardDeployment:
-    """Scores pairs; pairs of concurrent requests are batched (`@serve.batch`) per reward model."""
+    """Scores pairs; pairs of concurrent requests are batched (`Coalescer`) per reward model."""
 
     def __init__(self, models: dict[str, dict], device: str, max_models: int, max_batch_size: int,
                  batch_wait_timeout_s: float) -> None:
@@ -281,8 +281,7 @@ class RewardDeployment:
                 scores.update(zip(rows, values))
             return [scores[i] for i in range(len(items))]
 
-        self._score_one = serve.batch(max_batch_size=max_batch_size,
-                                      batch_wait_timeout_s=batch_wait_timeout_s)(score_batch)
+        self._score_one = Coalescer(score_batch, max_batch_size, batch_wait_timeout_s)
 
     async def score(self, model_id: str, prompts: list[str], responses: list[str]) -> list[float]:
         return list(await asyncio.gather(*(self._score_one((model_id, p, r)) for p, r in zip(prompts, responses))))
@@ -292,7 +291,7 @@ class RewardDeployment:
 
 
 def _batch_stats(sizes: list[int]) -> dict:
-    """How full `@serve.batch` batches were (this replica): count and largest."""
+    """How full the batches were (this replica): count and largest."""
     return {"batches": len(sizes), "max_batch_size": max(sizes, default=0)}
 
 

@@ -48,7 +48,7 @@ class Sizing:
     num_replicas: int = 1
     num_cpus: float = 0.25  # fractional: on a small machine whole CPUs per replica never fit
     num_gpus: float = 0.0
-    max_ongoing_requests: int = 32  # large enough for @serve.batch to fill its batches
+    max_ongoing_requests: int = 32  # large enough for the batches to fill
     max_queued_requests: int = 64  # beyond this, requests get a 503 (overload, not an error)
 
 
