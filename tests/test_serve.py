@@ -32,8 +32,9 @@ def server(serve_application, runs):
     args = {
         "artifacts": artifacts, "device": "cpu", "limits": LIMITS,
         # Two policies per replica for four policies: the multiplexing LRU has to evict.
+        # Two running at once: concurrent requests batch if they reach the replica within 50 ms.
         "policy": {"num_cpus": 0.25, "max_models_per_replica": 2, "max_ongoing_requests": 2,
-                   "max_queued_requests": 4},
+                   "max_queued_requests": 4, "batch_wait_timeout_s": 0.05},
         "reward": {"num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
                    "max_ongoing_requests": 64},
         "ingress": {"num_cpus": 0.25},
