@@ -318,7 +318,7 @@ def test_a_trial_whose_recorded_checkpoint_was_deleted_resumes_from_the_newest_c
         (folder / "ppo").mkdir(parents=True)
         (folder / "ppo" / "state").write_text("0123456789")
         # 5 and (unless newest_complete) 4: an upload cut short, one file short of its manifest
-        (folder / MANIFEST).write_text(json.dumps({"ppo/state": 10 if complete else 11}))
+        (folder / MANIFEST).write_text(json.dumps({"ppo/state": {"size": 10 if complete else 11, "sha256": "-"}}))
     trainable_class = resumable(_seen_checkpoint)
     assert trainable_class.__name__ == "_seen_checkpoint"  # trial folders keep the function's name
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="phase", trial_dir_name="trial")

@@ -46,7 +46,7 @@ from slmrl_ray.stages.ppo_state import (
     load_log,
     log_path,
 )
-from slmrl_ray.storage import ArtifactStore, Storage
+from slmrl_ray.storage import ArtifactStore, Storage, file_digests
 from slmrl_ray.tuning.config import Objective, TuneExperiment
 
 
@@ -59,7 +59,7 @@ class TrialDeviceError(RuntimeError):
 
 
 OWNER = ".owner.json"
-MANIFEST = "manifest.json"  # in every Tune checkpoint: each file's size, to tell a complete one
+MANIFEST = "manifest.json"  # in every Tune checkpoint: its files (`file_digests`), to tell a complete one
 
 
 def scratch_root() -> Path:
@@ -211,8 +211,7 @@ class TuneReporter:
         write_json(folder / "progress.json", {"stages_done": self.stages_done, "sequence": self._count})
         if ppo_state is not None:
             export_checkpoint(ppo_state, self.paths.ppo, folder / "ppo")
-        sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
-        write_json(folder / MANIFEST, sizes)
+        write_json(folder / MANIFEST, file_digests(folder))
 
 
 def checkpoint_complete(filesystem, path: str) -> bool:
@@ -221,11 +220,11 @@ def checkpoint_complete(filesystem, path: str) -> bool:
 
     try:
         with filesystem.open_input_stream(f"{path}/{MANIFEST}") as stream:
-            sizes = json.loads(stream.read())
+            files = json.loads(stream.read())
     except (OSError, ValueError):
         return False
-    infos = filesystem.get_file_info([f"{path}/{name}" for name in sizes])
-    return all(info.type == pafs.FileType.File and info.size == sizes[name] for name, info in zip(sizes, infos))
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
+    return all(info.type == pafs.FileType.File and info.size == files[name]["size"] for name, info in zip(files, infos))
 
 
 def newest_complete_checkpoint(filesystem, trial_path: str) -> tuple[int, str] | None:
