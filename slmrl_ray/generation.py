@@ -73,31 +73,57 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-class RowSampler(LogitsProcessor):
-    """Per-row sampling with each row's own `torch.Generator`, inside `model.generate`.
+@dataclass(frozen=True)
+class RowSettings:
+    """One row's sampling, length, stop strings and generator: rows with different settings
+    share one `generate_rows` call (the serving engine), and each stops on its own."""
 
-    It applies temperature, top-k and top-p itself (HF adds its warpers after custom
-    processors), draws each row's token from that row's generator (the global RNG for a row
-    without one) and masks every other token, so HF's own sampling step can only take the
-    drawn one. A seeded row's tokens then depend on its seed alone, whatever shares its batch.
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    generator: torch.Generator | None = None  # None: the global RNG
+    logprobs: bool = False  # keep this row's raw logits for log-probabilities
+    cancel: threading.Event | None = None  # set: the row ends at the next step (finish reason "abort")
+
+
+class MixedRowSampler(LogitsProcessor):
+    """Picks each row's next token by that row's own settings (penalties, temperature, top-k,
+    top-p, greedy or its generator) and masks every other token, so HF's greedy step takes it.
+
+    HF's own warpers do temperature, top-k and top-p, one row at a time; the draw uses the row's
+    generator (or the global RNG), so a seeded row's tokens depend on its seed alone,
+    whatever shares its batch.
     """
 
-    def __init__(self, settings: SamplingSettings, generators: Sequence[torch.Generator | None]) -> None:
-        self.generators = list(generators)
-        self.warpers = [TemperatureLogitsWarper(settings.temperature)]
-        if settings.top_k:
-            self.warpers.append(TopKLogitsWarper(settings.top_k))
-        if settings.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(settings.top_p))
+    def __init__(self, rows: Sequence[RowSettings], prompt_width: int) -> None:
+        self.rows, self.prompt_width = list(rows), prompt_width
+        self.warpers = [
+            [TemperatureLogitsWarper(row.temperature)] + ([TopKLogitsWarper(row.top_k)] if row.top_k else [])
+            + ([TopPLogitsWarper(row.top_p)] if row.top_p < 1.0 else [])
+            if row.temperature > 0 else []
+            for row in self.rows
+        ]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        drawn = torch.cat([torch.multinomial(probs[row], 1, generator=generator)
-                           for row, generator in enumerate(self.generators)])
+        drawn = []
+        for index, (row, warpers) in enumerate(zip(self.rows, self.warpers)):
+            logits = scores[index : index + 1].float()
+            if row.presence_penalty or row.frequency_penalty:
+                counts = torch.bincount(input_ids[index, self.prompt_width :], minlength=logits.shape[-1])
+                counts = counts[: logits.shape[-1]].to(logits.dtype)
+                logits = logits - row.frequency_penalty * counts - row.presence_penalty * (counts > 0).to(logits.dtype)
+            if row.temperature == 0:
+                drawn.append(logits.argmax(dim=-1))
+                continue
+            for warper in warpers:
+                logits = warper(input_ids[index : index + 1], logits)
+            drawn.append(torch.multinomial(torch.softmax(logits, dim=-1)[0], 1, generator=row.generator))
         forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(1, drawn.unsqueeze(1), 0.0)
+        return forced.scatter_(1, torch.cat(drawn).view(-1, 1), 0.0)
 
 
 @torch.no_grad()
@@ -113,7 +139,8 @@ def generate(
     """Sample (or greedily decode) one response per prompt.
 
     Without `generators`, sampling draws from the global RNG (seed it before calling); with
-    them (one per prompt, None for the global RNG), each row draws from its own (`RowSampler`).
+    them (one per prompt, None for the global RNG), each row draws from its own
+    (`MixedRowSampler`).
     """
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
@@ -122,8 +149,10 @@ def generate(
     elif generators is not None:
         if len(generators) != len(prompts):
             raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
-        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                        logits_processor=LogitsProcessorList([RowSampler(settings, generators)]))
+        rows = [RowSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
+                            generator=generator) for generator in generators]
+        sampling = dict(do_sample=False,  # the token is drawn in MixedRowSampler; HF's argmax takes it
+                        logits_processor=LogitsProcessorList([MixedRowSampler(rows, query_ids.shape[1])]))
     else:
         sampling = dict(
             do_sample=True,
@@ -156,65 +185,12 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, generation: Generation)
 # ----------------------------------------------------------------------------- serving rows
 
 
-@dataclass(frozen=True)
-class RowSettings:
-    """One row of a served batch: its own sampling, length, stop strings and generator.
-
-    Rows with different settings share one `generate_rows` call; each stops on its own.
-    """
-
-    max_new_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    generator: torch.Generator | None = None  # None: the global RNG
-    logprobs: bool = False  # keep this row's raw logits for log-probabilities
-    cancel: threading.Event | None = None  # set: the row ends at the next step (finish reason "abort")
-
-
 @dataclass
 class RowOutput:
     token_ids: list[int]  # the tokens returned: up to EOS, the stop string's last token, or the length
     pieces: list[str]  # their text as it was sent, piece by piece (without a stop string)
     finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (cancelled)
     logits: list[torch.Tensor] | None = None  # [V] raw logits before each returned token
-
-
-class MixedRowSampler(LogitsProcessor):
-    """Picks each row's next token by that row's own settings (penalties, temperature, top-p,
-    greedy or its generator) and masks every other token, so HF's greedy step takes it.
-
-    HF's own warpers do temperature and top-p, one row at a time; the draw uses the row's
-    generator (or the global RNG), so a seeded row's tokens depend on its seed alone,
-    whatever shares its batch.
-    """
-
-    def __init__(self, rows: Sequence[RowSettings], prompt_width: int) -> None:
-        self.rows, self.prompt_width = list(rows), prompt_width
-        self.warpers = [
-            [TemperatureLogitsWarper(row.temperature)] + ([TopPLogitsWarper(row.top_p)] if row.top_p < 1.0 else [])
-            if row.temperature > 0 else []
-            for row in self.rows
-        ]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        drawn = []
-        for index, (row, warpers) in enumerate(zip(self.rows, self.warpers)):
-            logits = scores[index : index + 1].float()
-            if row.presence_penalty or row.frequency_penalty:
-                counts = torch.bincount(input_ids[index, self.prompt_width :], minlength=logits.shape[-1])
-                counts = counts[: logits.shape[-1]].to(logits.dtype)
-                logits = logits - row.frequency_penalty * counts - row.presence_penalty * (counts > 0).to(logits.dtype)
-            if row.temperature == 0:
-                drawn.append(logits.argmax(dim=-1))
-                continue
-            for warper in warpers:
-                logits = warper(input_ids[index : index + 1], logits)
-            drawn.append(torch.multinomial(torch.softmax(logits, dim=-1)[0], 1, generator=row.generator))
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(1, torch.cat(drawn).view(-1, 1), 0.0)
 
 
 class TextStream:

@@ -148,9 +148,10 @@ class PolicyRunner:
             generator = None
             if not greedy and sampling.seed is not None:
                 generator = torch.Generator(self.device).manual_seed(sampling.seed)
-            row = RowSettings(sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.presence_penalty,
-                              sampling.frequency_penalty, sampling.stop, generator, sampling.logprobs is not None,
-                              request.cancel)
+            row = RowSettings(sampling.max_tokens, sampling.temperature, sampling.top_p,
+                              presence_penalty=sampling.presence_penalty,
+                              frequency_penalty=sampling.frequency_penalty, stop=sampling.stop, generator=generator,
+                              logprobs=sampling.logprobs is not None, cancel=request.cancel)
             # greedy choices are identical: one row makes all n
             for choices in ([range(sampling.n)] if greedy else [[c] for c in range(sampling.n)]):
                 rows.append(row)
