@@ -1,4 +1,4 @@
-"""The HTTP API's request bodies and error responses (OpenAI-compatible where OpenAI has one).
+"""The HTTP API's request bodies, answers and error responses (OpenAI-compatible where OpenAI has one).
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 whose
 JSON error names the field (`param`), in OpenAI's error shape. OpenAI fields the server
@@ -10,6 +10,7 @@ server does; unknown models are a 404.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -148,3 +149,65 @@ def validation_error(errors: list[dict]) -> JSONResponse:
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
     return error(400, f"{param}: {message}" if param else message, param)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def logprobs_body(choice: dict, chat: bool, offset: int) -> dict | None:
+    """A generated choice's log-probabilities in OpenAI's shape, with each token's id (`token_id(s)`)."""
+    entries = choice["logprobs"]
+    if entries is None:
+        return None
+    if chat:
+        return {"content": [
+            {"token": e["token"], "token_id": e["token_id"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+             "top_logprobs": [{"token": t["token"], "token_id": t["token_id"], "logprob": t["logprob"],
+                               "bytes": list(t["token"].encode())} for t in e["top"]]}
+            for e in entries]}
+    offsets, position = [], offset
+    for e in entries:
+        offsets.append(position)
+        position += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_ids": [e["token_id"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+
+
+def choice_body(index: int, choice: dict, chat: bool, echo: str = "") -> dict:
+    """A generated choice as OpenAI answers it (completions: the text after any echo)."""
+    logprobs = logprobs_body(choice, chat, len(echo))
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": choice["text"]},
+                "finish_reason": choice["finish_reason"], "logprobs": logprobs}
+    return {"index": index, "text": echo + choice["text"], "finish_reason": choice["finish_reason"],
+            "logprobs": logprobs}
+
+
+class Chunks:
+    """OpenAI's streaming chunks (server-sent events) of one completion."""
+
+    def __init__(self, meta: dict, chat: bool, include_usage: bool) -> None:
+        self.meta, self.chat = meta, chat
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self.extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
+
+    def _event(self, payload: dict) -> str:
+        return f"data: {json.dumps({**self.meta, 'object': self.kind, **payload})}\n\n"
+
+    def choice(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+        if self.chat:
+            delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return self._event({"choices": [choice], **self.extra})
+
+    def usage(self, usage: dict) -> str:
+        return self._event({"choices": [], "usage": usage})
+
+    @staticmethod
+    def error(message: str, status: int) -> str:
+        """An error once the 200 has gone out (OpenAI's clients raise it from the stream)."""
+        body = {"message": message, "type": "server_error", "param": None, "code": status}
+        return f"data: {json.dumps({'error': body})}\n\n"

@@ -4,13 +4,8 @@
     slmrl-ray serve ~/slmrl_ray_results/tiny-grid  # the same, from a registry, on 127.0.0.1
 
 Three deployments:
-- `PolicyDeployment` hosts the SFT and PPO policies of many cells with Serve's model
-  multiplexing (`ppo/pythia-70m/tinystories` is a multiplexed model id; each replica keeps
-  an LRU of `policy.max_models_per_replica` loaded policies, and Serve routes a request to a
-  replica that already holds its model), and batches concurrent requests into one
-  `generate` call (`serving.batching.Coalescer`);
-- `RewardDeployment` scores (prompt, response) pairs with a `Coalescer` too, so pairs from
-  concurrent requests share forward passes;
+- `PolicyDeployment` and `RewardDeployment` (`serving.deployments`) host the policies
+  (multiplexed) and the reward models, batching concurrent requests;
 - `Gateway`, the FastAPI ingress, validates requests, applies the limits and composes the
   other two through deployment handles: `/v1/models`, `/v1/completions`,
   `/v1/chat/completions` (with `stream`), `/v1/rewards`, `/v1/compare`, `/v1/best_of_n`,
@@ -35,12 +30,9 @@ $SLMRL_RAY_API_KEY where the app is built), every route but /health needs
 import asyncio
 import hashlib
 import hmac
-import json
 import os
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -54,14 +46,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slmrl_ray.serving.api import (
     BestOfNRequest,
     ChatCompletionRequest,
+    Chunks,
     CompareRequest,
     CompletionRequest,
     RewardsRequest,
+    choice_body,
     error,
     validation_error,
 )
-from slmrl_ray.serving.batching import Coalescer
 from slmrl_ray.serving.config import Limits, ServedModel, ServeArgs, Sizing, build_catalog, parse_args
+from slmrl_ray.serving.deployments import PolicyDeployment, RewardDeployment
 
 app = FastAPI(title="slmrl-ray", description="SFT and PPO policies and reward models of slmrl-ray runs")
 
@@ -131,230 +125,7 @@ async def _authorize(request: Request, call_next):
     return await call_next(request)
 
 
-# ---------------------------------------------------------------- model deployments
-
-
-@serve.deployment
-class PolicyDeployment:
-    """Generates from multiplexed policies; the model id comes with each request.
-
-    Requests for the same policy that arrive together share one `generate` call
-    (`Coalescer`), whatever their sampling settings; each row stops on its own (EOS, its
-    stop strings, its max_tokens), and a seeded request draws from a generator of its own,
-    so its seed alone decides its sample.
-    """
-
-    def __init__(self, models: dict[str, dict], device: str, max_prompt_tokens: int, max_models: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, token_delay_s: float = 0.0) -> None:
-        from slmrl_ray.serving.runners import PolicyRunner
-
-        catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
-
-        self.tokens_generated = 0  # every row of every call: a live counter (cancelled rows stop adding)
-        counting = threading.Lock()
-
-        def count(tokens: int) -> None:  # on a generating thread, once per decoding step
-            with counting:
-                self.tokens_generated += tokens
-            if token_delay_s:
-                time.sleep(token_delay_s)
-
-        async def load(model_id: str):  # a plain function: Serve keeps its LRU on it
-            runner = await asyncio.to_thread(PolicyRunner, catalog[model_id], device, max_prompt_tokens)
-            runner.on_tokens = count
-            return runner
-
-        self.batch_sizes: list[int] = []
-
-        async def generate_batch(items: list[tuple]) -> list[tuple]:
-            self.batch_sizes.append(len(items))
-            groups: dict[int, list[int]] = {}  # one generate call per policy, whatever the settings
-            for index, (runner, _) in enumerate(items):
-                groups.setdefault(id(runner), []).append(index)
-            results: dict[int, tuple] = {}
-            for rows in groups.values():
-                runner = items[rows[0]][0]
-                outputs = await asyncio.to_thread(runner.complete_batch, [items[i][1] for i in rows])
-                results.update(zip(rows, outputs))
-            return [results[i] for i in range(len(items))]
-
-        self._runner = serve.multiplexed(max_num_models_per_replica=max_models)(load)
-        self._generate = Coalescer(generate_batch, max_batch_size, batch_wait_timeout_s)
-
-    async def _accept(self, prompt: str | None, messages: list[dict] | None, sampling: dict, **streaming):
-        """The runner and the `Request` (its prompt tokenised once, here); a `RequestError` when
-        the prompt cannot be served."""
-        from slmrl_ray.serving.runners import Request, Sampling
-
-        runner = await self._runner(serve.get_multiplexed_model_id())
-        text = prompt if messages is None else runner.format_chat(messages)
-        return runner, Request(runner.check_prompt(text), Sampling(**sampling), **streaming)
-
-    async def complete(self, prompt: str | None, messages: list[dict] | None, sampling: dict) -> dict:
-        from slmrl_ray.serving.runners import RequestError
-
-        cancel = threading.Event()
-        try:
-            runner, request = await self._accept(prompt, messages, sampling, cancel=cancel)
-            choices, prompt_tokens = await self._generate((runner, request))
-        except RequestError as failure:
-            return {"error": str(failure), "param": failure.param}
-        except asyncio.CancelledError:  # the caller timed out or went away: free the batch slot
-            cancel.set()
-            raise
-        return {"choices": [asdict(c) for c in choices], "prompt_tokens": prompt_tokens}
-
-    async def complete_stream(self, prompt: str | None, messages: list[dict] | None, sampling: dict):
-        """Streams a completion as it is generated, inside the same batches as `complete`:
-        first `{"prompt_tokens"}` (or `{"error"}`), then `{"pieces": [[choice, text], ...]}` as
-        rows decode, then `{"choices": [{finish_reason, completion_tokens}, ...]}`. When the
-        caller stops listening (a client that disconnected), the request's rows end."""
-        from slmrl_ray.serving.runners import RequestError
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def on_piece(choice: int, piece: str) -> None:  # on the generating thread
-            loop.call_soon_threadsafe(queue.put_nowait, [choice, piece])
-
-        try:
-            runner, request = await self._accept(prompt, messages, sampling, on_piece=on_piece, cancel=cancel)
-        except RequestError as failure:
-            yield {"error": str(failure), "param": failure.param}
-            return
-        task = asyncio.ensure_future(self._generate((runner, request)))
-        try:
-            yield {"prompt_tokens": len(request.prompt_ids)}
-            while not (task.done() and queue.empty()):
-                if queue.empty():
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        continue
-                    pieces = [getter.result()]
-                else:
-                    pieces = []
-                while not queue.empty():
-                    pieces.append(queue.get_nowait())
-                yield {"pieces": pieces}
-            choices, _ = task.result()
-            yield {"choices": [{"finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
-                               for c in choices]}
-        finally:
-            if not task.done():  # the stream was abandoned: its rows stop at the next step
-                cancel.set()
-
-    def batch_stats(self) -> dict:
-        return {**_batch_stats(self.batch_sizes), "tokens_generated": self.tokens_generated}
-
-
-@serve.deployment
-class RewardDeployment:
-    """Scores pairs; pairs of concurrent requests are batched (`Coalescer`) per reward model."""
-
-    def __init__(self, models: dict[str, dict], device: str, max_models: int, max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
-        from slmrl_ray.serving.runners import RewardRunner
-
-        catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
-        runners: OrderedDict = OrderedDict()
-        self.batch_sizes: list[int] = []
-
-        def runner_for(model_id: str) -> RewardRunner:
-            if model_id not in runners:
-                if len(runners) >= max_models:
-                    runners.popitem(last=False)
-                runners[model_id] = RewardRunner(catalog[model_id], device, max_batch_size)
-            runners.move_to_end(model_id)
-            return runners[model_id]
-
-        async def score_batch(items: list[tuple[str, str, str]]) -> list[float]:
-            self.batch_sizes.append(len(items))
-            scores: dict[int, float] = {}
-            for model_id in dict.fromkeys(item[0] for item in items):
-                rows = [i for i, item in enumerate(items) if item[0] == model_id]
-                runner = await asyncio.to_thread(runner_for, model_id)
-                values = await asyncio.to_thread(
-                    runner.score, [items[i][1] for i in rows], [items[i][2] for i in rows])
-                scores.update(zip(rows, values))
-            return [scores[i] for i in range(len(items))]
-
-        self._score_one = Coalescer(score_batch, max_batch_size, batch_wait_timeout_s)
-
-    async def score(self, model_id: str, prompts: list[str], responses: list[str]) -> list[float]:
-        return list(await asyncio.gather(*(self._score_one((model_id, p, r)) for p, r in zip(prompts, responses))))
-
-    def batch_stats(self) -> dict:
-        return _batch_stats(self.batch_sizes)
-
-
-def _batch_stats(sizes: list[int]) -> dict:
-    """How full the batches were (this replica): count and largest."""
-    return {"batches": len(sizes), "max_batch_size": max(sizes, default=0)}
-
-
 # ---------------------------------------------------------------- the ingress
-
-
-# Defined before `Gateway`: `serve.ingress` serialises the app when the class is decorated.
-def _logprobs(choice: dict, chat: bool, offset: int) -> dict | None:
-    """A choice's log-probabilities in OpenAI's shape, with each token's id (`token_id(s)`)."""
-    entries = choice["logprobs"]
-    if entries is None:
-        return None
-    if chat:
-        return {"content": [
-            {"token": e["token"], "token_id": e["token_id"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
-             "top_logprobs": [{"token": t["token"], "token_id": t["token_id"], "logprob": t["logprob"],
-                               "bytes": list(t["token"].encode())} for t in e["top"]]}
-            for e in entries]}
-    offsets, position = [], offset
-    for e in entries:
-        offsets.append(position)
-        position += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_ids": [e["token_id"] for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
-
-
-def _choice(index: int, choice: dict, chat: bool, echo: str = "") -> dict:
-    logprobs = _logprobs(choice, chat, len(echo))
-    if chat:
-        return {"index": index, "message": {"role": "assistant", "content": choice["text"]},
-                "finish_reason": choice["finish_reason"], "logprobs": logprobs}
-    return {"index": index, "text": echo + choice["text"], "finish_reason": choice["finish_reason"],
-            "logprobs": logprobs}
-
-
-class _Chunks:
-    """OpenAI's streaming chunks (server-sent events) of one completion."""
-
-    def __init__(self, meta: dict, chat: bool, include_usage: bool) -> None:
-        self.meta, self.chat = meta, chat
-        self.kind = "chat.completion.chunk" if chat else "text_completion"
-        self.extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
-
-    def _event(self, payload: dict) -> str:
-        return f"data: {json.dumps({**self.meta, 'object': self.kind, **payload})}\n\n"
-
-    def choice(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
-        if self.chat:
-            delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return self._event({"choices": [choice], **self.extra})
-
-    def usage(self, usage: dict) -> str:
-        return self._event({"choices": [], "usage": usage})
-
-    @staticmethod
-    def error(message: str, status: int) -> str:
-        """An error once the 200 has gone out (OpenAI's clients raise it from the stream)."""
-        body = {"message": message, "type": "server_error", "param": None, "code": status}
-        return f"data: {json.dumps({'error': body})}\n\n"
 
 
 @serve.deployment
@@ -422,7 +193,7 @@ class Gateway:
             raise Failure(400, result["error"], result["param"])
         return result
 
-    async def _stream(self, model: ServedModel, prompt, messages, sampling: dict, chunks: _Chunks, echo: str):
+    async def _stream(self, model: ServedModel, prompt, messages, sampling: dict, chunks: Chunks, echo: str):
         """A streamed completion: each piece is sent as the policy replica decodes it.
 
         The first message (the prompt accepted, or a 400) comes before the 200 goes out. When
@@ -531,7 +302,7 @@ class Gateway:
                 "model": model.model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self._stream(model, prompt, messages, sampling, _Chunks(meta, chat, include_usage), echo)
+            return await self._stream(model, prompt, messages, sampling, Chunks(meta, chat, include_usage), echo)
         result = await self._generate(model, prompt, messages, **sampling)
         completion_tokens = sum(len(c["token_ids"]) for c in result["choices"])
         usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion_tokens,
@@ -539,7 +310,7 @@ class Gateway:
         return {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
-            "choices": [_choice(i, c, chat, echo) for i, c in enumerate(result["choices"])],
+            "choices": [choice_body(i, c, chat, echo) for i, c in enumerate(result["choices"])],
             "usage": usage,
             "provenance": model.provenance,
         }
