@@ -315,6 +315,8 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError("temperature must be positive: rollouts are sampled, and scored under it")
         if self.algorithm != "ppo" and self.rollout_batch_size % self.num_generations:
             raise ConfigError("rollout_batch_size must be a multiple of num_generations for grpo/rloo")
         if self.algorithm != "ppo" and self.rollout_batch_size % self.mini_batch_size:

@@ -73,13 +73,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+GREEDY_BELOW = 1e-5
+"""A temperature below this decodes greedily (vLLM's threshold): dividing the logits by a tiny
+temperature overflows to inf, and the draw from their softmax fails."""
+
+
 @dataclass(frozen=True)
 class RowSettings:
     """One row's sampling, length, stop strings and generator: rows with different settings
     share one `generate_rows` call (the serving engine), and each stops on its own."""
 
     max_new_tokens: int
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # below GREEDY_BELOW: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     presence_penalty: float = 0.0
@@ -88,6 +93,10 @@ class RowSettings:
     generator: torch.Generator | None = None  # None: the global RNG
     logprobs: bool = False  # keep this row's raw logits for log-probabilities
     cancel: threading.Event | None = None  # set: the row ends at the next step (finish reason "abort")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class MixedRowSampler(LogitsProcessor):
@@ -104,7 +113,7 @@ class MixedRowSampler(LogitsProcessor):
         self.warpers = [
             [TemperatureLogitsWarper(row.temperature)] + ([TopKLogitsWarper(row.top_k)] if row.top_k else [])
             + ([TopPLogitsWarper(row.top_p)] if row.top_p < 1.0 else [])
-            if row.temperature > 0 else []
+            if not row.greedy else []
             for row in self.rows
         ]
 
@@ -116,7 +125,7 @@ class MixedRowSampler(LogitsProcessor):
                 counts = torch.bincount(input_ids[index, self.prompt_width :], minlength=logits.shape[-1])
                 counts = counts[: logits.shape[-1]].to(logits.dtype)
                 logits = logits - row.frequency_penalty * counts - row.presence_penalty * (counts > 0).to(logits.dtype)
-            if row.temperature == 0:
+            if row.greedy:
                 drawn.append(logits.argmax(dim=-1))
                 continue
             for warper in warpers:
@@ -144,7 +153,7 @@ def generate(
     """
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    if settings.greedy:
+    if settings.greedy or settings.temperature < GREEDY_BELOW:
         sampling = dict(do_sample=False)
     elif generators is not None:
         if len(generators) != len(prompts):

@@ -112,6 +112,11 @@ def test_a_seeded_row_samples_the_same_alone_and_in_any_batch(neox_run):
     greedy = generate(model, tokenizer, ["The town of"], SamplingSettings(16, greedy=True), 64, CPU)
     forced = generate(model, tokenizer, ["The town of"], narrow, 64, CPU, [seeded(1)])
     assert forced.response_ids.tolist() == greedy.response_ids.tolist()
+    # A temperature too small to divide the logits by (the fuzz test's 2.2e-308) decodes greedily.
+    subnormal = SamplingSettings(16, temperature=2.2250738585072014e-308)
+    for generators in (None, [seeded(1)]):
+        tiny = generate(model, tokenizer, ["The town of"], subnormal, 64, CPU, generators)
+        assert tiny.response_ids.tolist() == greedy.response_ids.tolist()
 
 
 def test_rows_with_different_settings_share_a_generate_call_and_each_ends_on_its_own(neox_run):

@@ -250,6 +250,11 @@ def test_model_with_non_positive_lora_rank():
     assert message == "models.pythia-70m: `lora_r` must be positive"
 
 
+def test_ppo_temperature_must_be_positive():
+    message = config_error(preset="tiny", overrides=["ppo.temperature=0"])
+    assert message == "ppo: temperature must be positive: rollouts are sampled, and scored under it"
+
+
 def test_hub_corpus_without_path(tmp_path):
     text = "extends: tiny\ncorpora:\n  tinystories: {source: hub}\n"
     assert file_error(tmp_path, text) == "corpora.tinystories: a corpus with source 'hub' needs a `path`"

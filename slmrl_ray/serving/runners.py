@@ -18,6 +18,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,7 +64,7 @@ def _stage_setting(model: ServedModel, section: str, key: str, default):
 
 @dataclass(frozen=True)
 class Sampling:
-    """One request's sampling: `temperature == 0` means greedy."""
+    """One request's sampling: a temperature below `generation.GREEDY_BELOW` (0, say) means greedy."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -144,14 +145,13 @@ class PolicyRunner:
         rows, prompts, owners = [], [], []  # owners: per row, its request and the choices it makes
         for request in requests:
             sampling = request.sampling
-            greedy = sampling.temperature == 0
-            generator = None
-            if not greedy and sampling.seed is not None:
-                generator = torch.Generator(self.device).manual_seed(sampling.seed)
             row = RowSettings(sampling.max_tokens, sampling.temperature, sampling.top_p,
                               presence_penalty=sampling.presence_penalty,
-                              frequency_penalty=sampling.frequency_penalty, stop=sampling.stop, generator=generator,
+                              frequency_penalty=sampling.frequency_penalty, stop=sampling.stop,
                               logprobs=sampling.logprobs is not None, cancel=request.cancel)
+            greedy = row.greedy
+            if not greedy and sampling.seed is not None:
+                row = dataclasses.replace(row, generator=torch.Generator(self.device).manual_seed(sampling.seed))
             # greedy choices are identical: one row makes all n
             for choices in ([range(sampling.n)] if greedy else [[c] for c in range(sampling.n)]):
                 rows.append(row)
