@@ -34,7 +34,7 @@ def server(serve_application, runs):
         # Two policies per replica for four policies: the multiplexing LRU has to evict.
         # Two running at once: concurrent requests batch if they reach the replica within 50 ms.
         "policy": {"num_cpus": 0.25, "max_models_per_replica": 2, "max_ongoing_requests": 2,
-                   "max_queued_requests": 4, "batch_wait_timeout_s": 0.05},
+                   "max_queued_requests": 8, "batch_wait_timeout_s": 0.05},
         "reward": {"num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
                    "max_ongoing_requests": 64},
         "ingress": {"num_cpus": 0.25},
@@ -378,8 +378,9 @@ def test_concurrent_seeded_requests_equal_the_same_requests_one_by_one(server):
 
     async def together():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as session:
-            # Six generations at once (compare makes two), with unseeded company: what the module's
-            # policy replica takes (2 running + 4 queued) without a 503.
+            # Six generations at once (compare makes two), with unseeded company: within what the
+            # module's policy replica takes (2 running + 8 queued: a fresh-clone run once found
+            # 2 + 4 full) without a 503.
             calls = [*seeded, completion(None)]
             return calls, await asyncio.gather(*(session.post(f"{server}{r}", json=b) for r, b in calls))
 
