@@ -97,14 +97,16 @@ def package_version() -> str:
 def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
     """Each stage's fingerprint covers its own config and, through the chain, its inputs'.
 
-    The data stage also writes the evaluation prompts (`eval.num_prompts`, `eval.prompt_chars`):
+    The data stage also writes the evaluation prompts (`eval.num_prompts`, `prompt_chars`, `prompt_format`):
     they are in its own fingerprint, not in the chain the training stages inherit (which
     read only the training files), so new prompts rerun data and evaluation, nothing else.
     The package version and the resolved precision (`runtime`) enter at the first stage they change.
     """
     machine = runtime(config.device)
     training_data = fingerprint(config.corpus, config.corpus_config, config.data, machine["version"])
-    data = fingerprint(training_data, {"num_prompts": config.eval.num_prompts, "prompt_chars": config.eval.prompt_chars})
+    prompts = {"num_prompts": config.eval.num_prompts, "prompt_chars": config.eval.prompt_chars,
+               "prompt_format": config.eval.prompt_format}
+    data = fingerprint(training_data, prompts)
     sft = fingerprint(training_data, config.model, config.model_config, config.lora, config.sft, config.seed, machine)
     # The reward stage also trains a `split` judge; other judges only concern evaluation.
     reward = fingerprint(sft, config.reward, *([config.judge] if config.judge.source == "split" else []))

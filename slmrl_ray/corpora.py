@@ -148,7 +148,7 @@ def _story_context(rng: random.Random) -> dict[str, str]:
 def _render_steps(rng: random.Random, steps: Sequence[tuple], ctx: dict[str, str]) -> list[str]:
     sentences = []
     for optional, *templates in steps:
-        if optional and rng.random() < 0.5:
+        if optional and rng.random() < 0.8:  # stories stay short: a tiny policy writes one whole
             continue
         sentences.append(rng.choice(templates).format(**ctx))
     return sentences
@@ -156,12 +156,13 @@ def _render_steps(rng: random.Random, steps: Sequence[tuple], ctx: dict[str, str
 
 def _story(rng: random.Random) -> dict[str, str]:
     ctx = _story_context(rng)
-    # 1-2 opening sentences, a 3-6 sentence plot, 0-1 ending: 4-9 sentences in all.
+    # 1-2 opening sentences, a 3-6 sentence plot (its required steps and a few optional ones),
+    # 0-1 ending: 4-9 sentences, mostly 4-6, so a continuation is about 50 tokens.
     sentences = [rng.choice(STORY_OPENINGS).format(**ctx)]
-    if rng.random() < 0.5:
+    if rng.random() < 0.2:
         sentences.append(rng.choice(STORY_SETTINGS).format(**ctx))
     sentences += _render_steps(rng, rng.choice(STORY_PLOTS), ctx)
-    if rng.random() < 0.6:
+    if rng.random() < 0.3:
         sentences.append(rng.choice(STORY_ENDINGS).format(**ctx))
     return {"text": ". ".join(sentences) + "."}
 
@@ -303,14 +304,17 @@ def _choose_in_order(rng: random.Random, items: Sequence, k: int) -> list:
 def _article(rng: random.Random) -> dict[str, str]:
     ctx = _news_context(rng)
     lead, lead_highlight, facts = rng.choice(NEWS_EVENTS)
-    # Always keep one fact that has a highlight, so every article gets 2-3 highlights.
+    # Always keep one fact that has a highlight, so every article gets 2-3 highlights. Articles
+    # stay short (the lead, 2-3 facts, sometimes one aside): with the summary, about 130 tokens,
+    # so a tiny reward model sees the whole article it must match the highlights against (at
+    # 5-10 sentences its left-truncated input lost the lead, and CNN/DailyMail reward models
+    # stayed near chance).
     anchor = rng.choice([i for i, (_, highlight) in enumerate(facts) if highlight])
-    others = rng.sample([i for i in range(len(facts)) if i != anchor], rng.randint(3, len(facts) - 1))
+    others = rng.sample([i for i in range(len(facts)) if i != anchor], rng.randint(1, 2))
     chosen = [facts[i] for i in sorted([anchor] + others)]
     sentences = [lead] + [fact for fact, _ in chosen]
-    sentences += _choose_in_order(rng, NEWS_EXTRAS, rng.randint(0, 2))
-    if rng.random() < 0.5:
-        sentences.append("CNN's {reporter} contributed to this report")
+    if rng.random() < 0.3:
+        sentences.append(rng.choice(NEWS_EXTRAS + ("CNN's {reporter} contributed to this report",)))
     # The lead's highlight always comes first (it names the event and where); then 1-2 more.
     extra = [highlight for _, highlight in chosen if highlight]
     highlights = [lead_highlight] + _choose_in_order(rng, extra, min(len(extra), rng.randint(1, 2)))
@@ -423,7 +427,8 @@ def _wiki_context(rng: random.Random) -> dict[str, str]:
 def _paragraph(rng: random.Random) -> dict[str, str]:
     ctx = _wiki_context(rng)
     first, facts = rng.choice(WIKI_TOPICS)
-    sentences = [first] + _choose_in_order(rng, facts, rng.randint(3, min(7, len(facts))))
+    # The defining sentence and 2-4 facts: a continuation of about 50 tokens.
+    sentences = [first] + _choose_in_order(rng, facts, rng.randint(2, 4))
     return {"text": " ".join(_cap(s.format(**ctx)) + "." for s in sentences)}
 
 

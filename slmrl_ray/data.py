@@ -273,6 +273,12 @@ def split_pairs(
 
 # ----------------------------------------------------------------------------- pairs
 
+def split_first_sentence(text: str) -> tuple[str, str]:
+    """(first sentence with its full stop, the rest): the prompt of a story's or paragraph's pair."""
+    first, _, rest = text.partition(". ")
+    return first.rstrip(".") + ".", rest.strip()
+
+
 def _join_sentences(sentences: Sequence[str]) -> str:
     text = ". ".join(sentences)
     return text if text.endswith((".", "!", "?")) else text + "."
@@ -303,10 +309,9 @@ def _news_pair(docs: Sequence[Document], i: int, rng: random.Random) -> Preferen
 def _wiki_pair(docs: Sequence[Document], i: int, rng: random.Random) -> PreferencePair | None:
     # Chosen: the paragraph continued. Rejected: it with 30 % of its words dropped (or, when
     # short, cut to its first half), so it reads as broken text on the same subject.
-    parts = docs[i].text.split(". ")
-    if len(parts) < 2:
+    prompt, chosen = split_first_sentence(docs[i].text)
+    if not chosen:
         return None
-    chosen = ". ".join(parts[1:])
     words = chosen.split()
     if len(words) < 10:
         rejected = " ".join(words[: len(words) // 2])
@@ -315,7 +320,7 @@ def _wiki_pair(docs: Sequence[Document], i: int, rng: random.Random) -> Preferen
         rejected = " ".join(w for k, w in enumerate(words) if k not in dropped)
     # The prompt keeps its full stop: PPO asks the policy to go on after a finished
     # sentence, as every pair's chosen answer does (without it, it would continue mid-sentence).
-    return PreferencePair(parts[0] + ".", chosen, rejected)
+    return PreferencePair(prompt, chosen, rejected)
 
 
 PAIR_BUILDERS = MappingProxyType(
@@ -384,18 +389,24 @@ def ppo_prompts(pairs: Iterable[PreferencePair]) -> list[str]:
 # ----------------------------------------------------------------------------- evaluation
 
 def eval_examples(
-    corpus: str, heldout_docs: Sequence[Document], num_prompts: int = 200, prompt_chars: int = 200
+    corpus: str, heldout_docs: Sequence[Document], num_prompts: int = 200, prompt_chars: int = 200,
+    prompt_format: str = "pair",
 ) -> list[EvalExample]:
     """Prompts and references from the first `num_prompts` held-out documents.
 
-    TinyStories/WikiText: the first `prompt_chars` characters, and the rest as reference.
-    CNN/DailyMail: `cnn_prompt(article)` (the RM/PPO format) and the highlights.
+    `prompt_format="pair"`: the prompt a preference pair of the document would have (the
+    first sentence of a story or paragraph; `cnn_prompt(article)`), the rest as reference,
+    so evaluation asks the question PPO trained on and the reward model learned to judge.
+    `"prefix"`: the study's prompts, the first `prompt_chars` characters (cut mid-word as
+    often as not) and the rest; CNN/DailyMail is `cnn_prompt` and its highlights either way.
     """
     corpus_spec(corpus)
     examples = []
     for doc in heldout_docs[:num_prompts]:
         if corpus == "cnn_dailymail":
             prompt, reference = cnn_prompt(doc.text), doc.summary or ""
+        elif prompt_format == "pair":
+            prompt, reference = split_first_sentence(doc.text)
         else:
             prompt, reference = doc.text[:prompt_chars], doc.text[prompt_chars:]
         if reference.strip():

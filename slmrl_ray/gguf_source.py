@@ -25,7 +25,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-from slmrl_ray.model_cache import default_cache_dir, save_snapshot
+from slmrl_ray.model_cache import build_lock, default_cache_dir, save_snapshot
 
 PYPI_PREFIX = "pypi:"
 # pypi:<distribution> -> (its import name, the GGUF file inside that package's folder).
@@ -88,15 +88,17 @@ def gguf_snapshot_dir(path: Path, cache_dir: Path | None = None) -> Path:
 
     The folder is named after the file and its sha256, so a changed file gets a new
     snapshot. It appears atomically (`model_cache.save_snapshot`): a crashed or concurrent
-    converter never leaves a half-written one.
+    converter never leaves a half-written one, and concurrent converters on one machine wait
+    for the first (`model_cache.build_lock`).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / "gguf-models" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
     if (target / "model.safetensors").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = read_gguf(Path(path))
-    save_snapshot(model, tokenizer, target)
+    with build_lock(target):  # cells that start together convert it once
+        if not (target / "model.safetensors").exists():
+            model, tokenizer = read_gguf(Path(path))
+            save_snapshot(model, tokenizer, target)
     return target
 
 

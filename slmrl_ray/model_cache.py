@@ -7,14 +7,34 @@ loaded back through `slmrl_ray.models` like any hub model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SLMRL_RAY_CACHE", Path.home() / ".cache" / "slmrl_ray"))
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on building `target` (an advisory `flock` on a file beside it).
+
+    Two trials that start together on one machine (a grid runs a model's cells side by side)
+    would otherwise both build the same entry; the second now waits for the first and loads
+    what it saved. The kernel drops the lock when its holder dies, so a crash never leaves it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_snapshot(model, tokenizer, target: Path) -> None:

@@ -22,7 +22,7 @@ from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, Au
 
 from slmrl_ray.config import CORPUS_KINDS, TinyModelConfig, fingerprint
 from slmrl_ray.data import generate_documents, sft_text
-from slmrl_ray.model_cache import default_cache_dir, save_snapshot
+from slmrl_ray.model_cache import build_lock, default_cache_dir, save_snapshot
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -78,7 +78,8 @@ def build_model(family: str, cfg: TinyModelConfig, tokenizer: PreTrainedTokenize
         config = GPTNeoXConfig(**ids, **shape, tie_word_embeddings=False)
     elif family == "llama":  # SmolLM2: tied embeddings, grouped-query attention
         config = LlamaConfig(
-            **ids, **shape, num_key_value_heads=max(1, cfg.num_heads // 2), tie_word_embeddings=True
+            **ids, **shape, num_key_value_heads=max(1, cfg.num_heads // 2), tie_word_embeddings=True,
+            rope_theta=cfg.rope_theta,
         )
     else:
         raise ValueError(f"unknown model family {family!r}")
@@ -125,12 +126,14 @@ def tiny_model_dir(family: str, cfg: TinyModelConfig, cache_dir: Path | None = N
     target = cache_dir / "tiny-models" / f"{family}-{fingerprint(family, cfg)}"
     if (target / "model.safetensors").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    texts = pretraining_texts(cfg.pretrain_documents, cfg.seed)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    model = build_model(family, cfg, tokenizer)
-    loss = pretrain(model, tokenizer, texts, cfg)
-    if not math.isfinite(loss):
-        raise RuntimeError(f"tiny {family} pretraining diverged (loss {loss})")
-    save_snapshot(model, tokenizer, target)
+    with build_lock(target):
+        if (target / "model.safetensors").exists():  # built while this process waited
+            return target
+        texts = pretraining_texts(cfg.pretrain_documents, cfg.seed)
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        model = build_model(family, cfg, tokenizer)
+        loss = pretrain(model, tokenizer, texts, cfg)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"tiny {family} pretraining diverged (loss {loss})")
+        save_snapshot(model, tokenizer, target)
     return target

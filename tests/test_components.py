@@ -70,6 +70,35 @@ def test_tiny_models_are_cached(neox_run):
     assert first_file.stat().st_mtime_ns == stamp
 
 
+
+def test_two_builders_of_one_tiny_model_pretrain_it_once(tmp_path, monkeypatch):
+    """Cells of one model start side by side in a grid: the second waits for the first's build."""
+    from slmrl_ray import tiny
+    from slmrl_ray.config import TinyModelConfig
+
+    calls, started = [], threading.Event()
+    real_pretrain = tiny.pretrain
+
+    def slow_pretrain(*args):
+        calls.append(threading.get_ident())
+        started.set()
+        threading.Event().wait(0.5)  # the other builder arrives while this one trains
+        return real_pretrain(*args)
+
+    monkeypatch.setattr(tiny, "pretrain", slow_pretrain)
+    cfg = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=300,
+                          pretrain_documents=20, pretrain_steps=2, pretrain_batch_size=2)
+    results = []
+    first = threading.Thread(target=lambda: results.append(tiny.tiny_model_dir("gpt_neox", cfg, tmp_path)))
+    first.start()
+    assert started.wait(60)
+    second = threading.Thread(target=lambda: results.append(tiny.tiny_model_dir("gpt_neox", cfg, tmp_path)))
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "model.safetensors").is_file()
+
 # ------------------------------------------------------------------ generation
 
 

@@ -59,7 +59,7 @@ def test_story_style():
 def test_news_style_highlights_share_entities_with_article():
     for doc in generate_documents("cnn_dailymail", 300, seed=1):
         assert len(doc.text) > 100 and len(doc.summary) > 20
-        assert 5 <= doc.text.count(". ") + 1 <= 12
+        assert 3 <= doc.text.count(". ") + 1 <= 5  # short: a tiny reward model sees it whole
         highlights = doc.summary.split("\n")
         assert 2 <= len(highlights) <= 3
         # Every capitalised name and every number of the highlights is in the article.
@@ -72,7 +72,7 @@ def test_news_style_highlights_share_entities_with_article():
 
 def test_wiki_style():
     for doc in generate_documents("wikitext", 300, seed=1):
-        assert 4 <= len(doc.text.split(". ")) <= 8 and len(doc.text) > 100
+        assert 3 <= len(doc.text.split(". ")) <= 5 and len(doc.text) > 100  # the defining sentence, 2-4 facts
         assert not doc.text.startswith("=") and doc.summary is None
 
 
@@ -212,6 +212,10 @@ def test_no_heldout_text_reaches_pairs(corpus):
     assert len(pairs) > 0.9 * len(train) and len(examples) == len(heldout)
     pair_texts = {p.prompt for p in pairs} | {p.chosen for p in pairs} | {p.rejected for p in pairs}
     for ex in examples:
+        # A held-out first sentence may also open a training document (generated openings repeat,
+        # as TinyStories' "Once upon a time, ..." do); its continuation never reaches a pair.
+        assert ex.reference not in pair_texts
+    for ex in data.eval_examples(corpus, heldout, prompt_format="prefix"):
         assert ex.prompt not in pair_texts and ex.reference not in pair_texts
     # No pair is a held-out document cut into prompt and continuation (letters compared only).
     letters = lambda text: re.sub(r"[\W_]+", "", text)  # noqa: E731
@@ -304,14 +308,31 @@ def test_reward_text_and_prompt_formats():
     assert data.sft_text("wikitext", WIKI) == WIKI.text
 
 
-def test_eval_examples():
+def test_eval_examples_in_the_study_prefix_format():
     story = Document("s" * 150 + "t" * 100)
-    examples = data.eval_examples("tinystories", [story, Document("short")], prompt_chars=150)
+    examples = data.eval_examples("tinystories", [story, Document("short")], prompt_chars=150, prompt_format="prefix")
     assert examples == [EvalExample("s" * 150, "t" * 100)]  # empty reference skipped
-    news = data.eval_examples("cnn_dailymail", ARTICLES, num_prompts=2)
+    news = data.eval_examples("cnn_dailymail", ARTICLES, num_prompts=2, prompt_format="prefix")
     assert news == [EvalExample(data.cnn_prompt(d.text), d.summary) for d in ARTICLES[:2]]
     many = [Document("x" * 300)] * 10
-    assert len(data.eval_examples("wikitext", many, num_prompts=4)) == 4
+    assert len(data.eval_examples("wikitext", many, num_prompts=4, prompt_format="prefix")) == 4
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_eval_prompts_ask_what_the_pairs_and_ppo_ask(corpus):
+    """The default format: a held-out document's prompt is the one its preference pair would have,
+    so evaluation scores the policy on the question PPO trained on, and the reward model on the
+    text shape it learned (a whole sentence, then the separator, then a whole answer)."""
+    docs = generate_documents(corpus, 40, seed=5)
+    examples = data.eval_examples(corpus, docs, num_prompts=40)
+    pairs = data.build_preference_pairs(corpus, docs, seed=5)
+    by_prompt = {pair.prompt: pair for pair in pairs}
+    assert len(examples) == 40 and all(example.prompt in by_prompt for example in examples)
+    for example in examples:
+        if corpus != "cnn_dailymail":  # the reference is the pair's chosen answer: the document's rest
+            assert example.prompt.endswith(".") and example.reference == by_prompt[example.prompt].chosen
+    assert data.eval_examples("wikitext", [WIKI]) == [EvalExample(
+        "The Arlen River is a river in the north of Westmark.", WIKI.text.split(". ", 1)[1])]
 
 
 def test_jsonl_round_trip(tmp_path):

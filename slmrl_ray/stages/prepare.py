@@ -38,7 +38,8 @@ def run_data(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
     )
     train_pairs += degenerate_pairs(train_pairs, data.degenerate_pairs, data.seed)
     heldout_pairs += degenerate_pairs(heldout_pairs, data.degenerate_pairs, data.seed + 1)
-    examples = eval_examples(corpus.kind, heldout, config.eval.num_prompts, config.eval.prompt_chars)
+    examples = eval_examples(corpus.kind, heldout, config.eval.num_prompts, config.eval.prompt_chars,
+                             config.eval.prompt_format)
     folder = paths.data
     save_jsonl(folder / "train.jsonl", train)
     save_jsonl(folder / "heldout.jsonl", heldout)
