@@ -316,7 +316,7 @@ def test_extends_preset_changes_only_what_the_file_says(tmp_path):
     config = load_config(path=path)
     tiny = load_config(preset="tiny")
     assert config.ppo.steps == 3
-    assert config.ppo.learning_rate == tiny.ppo.learning_rate == 1e-3  # kept by the deep merge
+    assert config.ppo.learning_rate == tiny.ppo.learning_rate == 3e-4  # kept by the deep merge
     assert config == dataclasses.replace(tiny, ppo=dataclasses.replace(tiny.ppo, steps=3))
 
 

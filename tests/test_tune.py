@@ -134,8 +134,9 @@ def test_the_shipped_grid_confirms_its_gains_and_every_reward_model_learned(full
         f"judge {r['judge_delta']:+.2f}, flags {r['hacking_flags']}, KL {r['kl']:.1f}, RM {r['rm_accuracy']:.2f}"
         for r in rows)
     assert len(rows) == 15, table
-    assert sum(row["confirmed"] for row in rows) >= 3, table
-    assert min(row["rm_accuracy"] for row in rows if row["corpus"] != "cnn_dailymail") >= 0.9, table
+    print(f"\ntiny grid, confirmed {sum(row['confirmed'] for row in rows)} of {len(rows)}:\n{table}")
+    assert sum(row["confirmed"] for row in rows) >= 13, table
+    assert min(row["rm_accuracy"] for row in rows) >= 0.9, table
     assert "Confirmed gains:" in root.child("report", "results.md").read_text()
 
 
