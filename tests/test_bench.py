@@ -12,8 +12,8 @@ from slmrl_ray.cli import main
 from slmrl_ray.storage import Storage
 
 TINY = ["--preset", "tiny", "--model", "pythia-70m", "--corpus", "tinystories", "data.num_documents=300",
-        "sft.max_steps=4", "reward.max_steps=4", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=8",
-        "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=10"]
+        "sft.max_steps=4", "reward.max_steps=4", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+        "ppo.max_new_tokens=8", "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=10"]
 
 
 @pytest.mark.slow

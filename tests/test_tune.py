@@ -32,6 +32,14 @@ TINY_GRID = REPO / "tune_configs" / "tiny_grid.yaml"
 TINY_SEARCH = REPO / "tune_configs" / "tiny_search.yaml"
 TINY_ALGORITHMS = REPO / "tune_configs" / "tiny_algorithms.yaml"
 TWO_CELLS = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext]"
+# Tests of the machinery (resume, S3, nodes, GPUs) on the tiny grid's cells, not of learning:
+# short budgets (the preset's take about four minutes of CPU a cell).
+SHORT = ("pipeline.overrides=[data.num_documents=1200, sft.max_steps=16, reward.max_steps=30, ppo.steps=12, "
+         "ppo.rollout_batch_size=16, ppo.checkpoint_every=4, ppo.max_new_tokens=32, eval.num_prompts=32, "
+         "eval.max_new_tokens=32, eval.num_bootstrap=100]")
+SHORT_SEARCH = ("pipeline.overrides=[data.num_documents=1200, ppo.steps=16, ppo.rollout_batch_size=8, "
+                "ppo.checkpoint_every=4, ppo.max_new_tokens=32, eval.num_prompts=16, eval.max_new_tokens=32, "
+                "eval.num_bootstrap=100]")  # tiny_search.yaml's, and shorter answers
 
 
 def executions(root: Storage) -> collections.Counter:
@@ -79,7 +87,7 @@ def full_grid(ray_cluster, session_dir):
     """The shipped 15-cell tiny grid, one cell crashing mid-PPO on its first attempt."""
     experiment = load_tune_config(TINY_GRID, [
         f"storage_path={session_dir / 'tune'}",
-        "faults.crash_at_ppo_step=4",
+        "faults.crash_at_ppo_step=10",
         "faults.cells=[pythia-70m/tinystories]",
     ])
     started = time.perf_counter()
@@ -115,12 +123,12 @@ def test_every_stage_ran_once_except_the_ppo_that_crashed(full_grid):
     for cell in experiment.cells:
         for stage in STAGES:
             assert counts[(cell, stage)] == (2 if (cell, stage) == crashed else 1), (cell, stage)
-    # The retried attempt resumed PPO from the step-4 checkpoint instead of starting over.
+    # The retried attempt resumed PPO from the step-10 checkpoint instead of starting over.
     record = next(r for r in load_records(root) if r["model"] == "pythia-70m" and r["corpus"] == "tinystories")
     assert scratch_left(experiment.config.name) == []  # the crashed attempt's scratch went too
-    assert record["resumed_from_ppo_step"] == 4
+    assert record["resumed_from_ppo_step"] == 10
     steps = experiment.cell_config("pythia-70m/tinystories").ppo.steps
-    assert record["metrics"]["ppo"]["resumed_from_step"] == 4 and record["metrics"]["ppo"]["steps"] == steps
+    assert record["metrics"]["ppo"]["resumed_from_step"] == 10 and record["metrics"]["ppo"]["steps"] == steps
     assert record["wall_time_s"].keys() == {"ppo", "eval"}  # the retry fetched data, SFT and the RM
 
 
@@ -183,7 +191,7 @@ def trial_results(root: Storage, phase: str) -> dict[str, list[dict]]:
 def test_a_two_cell_search_runs_its_cells_side_by_side_and_evaluates_every_finished_trial(ray_cluster, tmp_path):
     # One trial at a time per cell: only cells searched side by side use both CPUs.
     experiment = load_tune_config(TINY_SEARCH, [f"storage_path={tmp_path}", TWO_CELLS, "search.num_samples=2",
-                                                "search.max_concurrent=1"])
+                                                "search.max_concurrent=1", SHORT_SEARCH])
     summary = run_experiment(experiment, "search")
     root = experiment_root(experiment)
     counts = executions(root)
@@ -254,7 +262,7 @@ def test_resume_after_sigkill_of_the_driver_reruns_no_finished_stage_and_a_diver
         ray_cluster, tmp_path):
     three = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext]"
     diverging = ["faults.diverge_at_ppo_step=2", "faults.cells=[pythia-70m/wikitext]"]
-    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three, *diverging]
+    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=killed", three, SHORT, *diverging]
     root = Storage.from_uri(str(tmp_path)).child("killed")
     driver = start_driver(args, ray_cluster, tmp_path / "driver.log")
     try:
@@ -349,7 +357,8 @@ def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_clust
     from slmrl_ray.models import load_causal_lm, load_tokenizer
 
     uri, client = s3_bucket
-    experiment = load_tune_config(TINY_GRID, [f"storage_path={uri}", "name=on-s3", "cells=[pythia-70m/tinystories]"])
+    experiment = load_tune_config(TINY_GRID, [f"storage_path={uri}", "name=on-s3", "cells=[pythia-70m/tinystories]",
+                                              SHORT])
     run_experiment(experiment, "grid")
     root = experiment_root(experiment)
     assert root.uri.startswith("s3://slmrl-test/experiments/on-s3?endpoint_override=")
@@ -384,7 +393,7 @@ def test_s3_round_trip_run_then_resume_and_report_from_fresh_processes(ray_clust
 @pytest.mark.parametrize("gpu, share", [(0.5, True), (1, False)])
 def test_trials_are_scheduled_on_the_gpu_fraction_they_ask_for(ray_cluster, tmp_path, gpu, share):
     experiment = load_tune_config(TINY_GRID, [
-        f"storage_path={tmp_path}", f"name=gpu-{gpu}", TWO_CELLS, "stages=[data, sft]", f"resources.gpu={gpu}",
+        f"storage_path={tmp_path}", f"name=gpu-{gpu}", TWO_CELLS, SHORT, "stages=[data, sft]", f"resources.gpu={gpu}",
         "resources.allow_logical_gpus=true",  # the test cluster's GPU is logical: torch sees none
     ])
     run_experiment(experiment, "grid")
@@ -420,7 +429,7 @@ def test_grid_finishes_after_a_worker_node_is_removed_mid_run(ray_cluster, tmp_p
     worker = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 1024 * 1024)
     ray_cluster.wait_for_nodes()
     four = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext, pythia-70m/wikitext, smollm2-135m/tinystories]"
-    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=nodes", four, "max_failures=3"]
+    args = ["grid", str(TINY_GRID), f"storage_path={tmp_path}", "name=nodes", four, SHORT, "max_failures=3"]
     root = Storage.from_uri(str(tmp_path)).child("nodes")
     driver = start_driver(args, ray_cluster, tmp_path / "driver.log")
     try:

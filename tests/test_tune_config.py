@@ -59,8 +59,8 @@ def test_grid_defaults_to_all_fifteen_cells_in_the_study_order():
     assert len(experiment.cells) == 15
     assert experiment.cells[0] == "pythia-70m/tinystories"
     # The tune config's overrides reach every cell's pipeline config.
-    assert experiment.cell_config("smollm2-360m/wikitext").ppo.steps == 24
-    assert experiment.cell_config("smollm2-360m/cnn_dailymail").reward.max_steps == 150  # its corpus_overrides
+    assert experiment.cell_config("smollm2-360m/wikitext").judge.source == "split"
+    assert experiment.cell_config("smollm2-360m/cnn_dailymail").reward.max_steps == 300  # its corpus_overrides
 
 
 def test_sampled_values_become_pipeline_overrides(tmp_path):
@@ -81,12 +81,26 @@ def test_corpus_overrides_apply_to_that_corpus_only_after_the_common_ones(tmp_pa
     assert (stories.reward.max_steps, stories.ppo.steps) == (40, 7)
 
 
+def test_model_overrides_apply_to_that_model_only_after_the_corpus_ones(tmp_path):
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\npipeline: {preset: tiny, overrides: [ppo.init_kl_coef=0.1],\n"
+        "  corpus_overrides: {wikitext: [ppo.init_kl_coef=0.2, ppo.steps=7]},\n"
+        "  model_overrides: {smollm2-360m: [ppo.init_kl_coef=0.4]}}\n")))
+    big = experiment.cell_config("smollm2-360m/wikitext")
+    small = experiment.cell_config("smollm2-135m/wikitext")
+    assert (big.ppo.init_kl_coef, big.ppo.steps) == (0.4, 7)
+    assert (small.ppo.init_kl_coef, small.ppo.steps) == (0.2, 7)
+    assert experiment.cell_config("smollm2-360m/tinystories").ppo.init_kl_coef == 0.4
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("name: x\npipeline: {corpus_overrides: {imagenet: [ppo.steps=3]}}\n",
          "pipeline.corpus_overrides.imagenet: unknown corpus"),
         ("name: x\npipeline: {corpus_overrides: {wikitext: [ppo.stepz=3]}}\n", "ppo.stepz: unknown key"),
+        ("name: x\npipeline: {model_overrides: {gpt-2: [ppo.steps=3]}}\n",
+         "pipeline.model_overrides.gpt-2: unknown model"),
         ("name: x\nresources: {cpus: 2}\n", "resources.cpus: unknown key"),
         ("name: x\nsearch: {kl_coef: {low: 0.2, high: 0.1}}\n", "search.kl_coef: a range needs"),
         ("name: x\nsearch: {objective: {kind: best}}\n", "search.objective.kind"),

@@ -46,6 +46,9 @@ class PipelineSource:
     # corpus key -> `a.b.c=value`s applied after `overrides` to that corpus's cells (budgets
     # that one corpus needs, e.g. a longer reward-model run for CNN/DailyMail's longer texts)
     corpus_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # model key -> `a.b.c=value`s applied after the corpus's to that model's cells (e.g. a
+    # larger KL coefficient for a model that drifts further per step)
+    model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ class TuneExperiment:
         """The one place where a cell and a trial's sampled (or grid) values become a pipeline config."""
         model, corpus = cell.split("/")
         source = self.config.pipeline
-        overrides = [*source.overrides, *source.corpus_overrides.get(corpus, ()), f"model={model}", f"corpus={corpus}"]
+        overrides = [*source.overrides, *source.corpus_overrides.get(corpus, ()), *source.model_overrides.get(model, ()),
+                     f"model={model}", f"corpus={corpus}"]
         overrides += [f"{key}={json.dumps(value)}" for key, value in (sampled or {}).items()]
         if output_dir is not None:
             overrides.append(f"output_dir={output_dir}")
@@ -237,6 +241,9 @@ def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str 
     for corpus in cfg.pipeline.corpus_overrides:
         if corpus not in default.corpora:
             raise ConfigError(f"pipeline.corpus_overrides.{corpus}: unknown corpus (known: {', '.join(default.corpora)})")
+    for model in cfg.pipeline.model_overrides:
+        if model not in default.models:
+            raise ConfigError(f"pipeline.model_overrides.{model}: unknown model (known: {', '.join(default.models)})")
     experiment = TuneExperiment(cfg, data, base, _cells(cfg, default), source)
     for cell in experiment.cells:
         if cell.count("/") != 1:
