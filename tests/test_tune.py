@@ -37,9 +37,11 @@ TWO_CELLS = "cells=[pythia-70m/tinystories, smollm2-135m/wikitext]"
 SHORT = ("pipeline.overrides=[data.num_documents=1200, sft.max_steps=16, reward.max_steps=30, ppo.steps=12, "
          "ppo.rollout_batch_size=16, ppo.checkpoint_every=4, ppo.max_new_tokens=32, eval.num_prompts=32, "
          "eval.max_new_tokens=32, eval.num_bootstrap=100]")
-SHORT_SEARCH = ("pipeline.overrides=[data.num_documents=1200, ppo.steps=16, ppo.rollout_batch_size=8, "
-                "ppo.checkpoint_every=4, ppo.max_new_tokens=32, eval.num_prompts=16, eval.max_new_tokens=32, "
-                "eval.num_bootstrap=100]")  # tiny_search.yaml's, and shorter answers
+
+
+def with_overrides(tune_config: Path, *extra: str) -> str:
+    """`pipeline.overrides=[...]`: the tune config's own overrides, then `extra`."""
+    return f"pipeline.overrides=[{', '.join([*load_tune_config(tune_config).config.pipeline.overrides, *extra])}]"
 
 
 def executions(root: Storage) -> collections.Counter:
@@ -196,7 +198,9 @@ def trial_results(root: Storage, phase: str) -> dict[str, list[dict]]:
 def test_a_two_cell_search_runs_its_cells_side_by_side_and_evaluates_every_finished_trial(ray_cluster, tmp_path):
     # One trial at a time per cell: only cells searched side by side use both CPUs.
     experiment = load_tune_config(TINY_SEARCH, [f"storage_path={tmp_path}", TWO_CELLS, "search.num_samples=2",
-                                                "search.max_concurrent=1", SHORT_SEARCH])
+                                                "search.max_concurrent=1",
+                                                with_overrides(TINY_SEARCH, "data.num_documents=1200",
+                                                               "ppo.max_new_tokens=32", "eval.max_new_tokens=32")])
     summary = run_experiment(experiment, "search")
     root = experiment_root(experiment)
     counts = executions(root)
