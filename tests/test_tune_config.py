@@ -93,6 +93,17 @@ def test_model_overrides_apply_to_that_model_only_after_the_corpus_ones(tmp_path
     assert experiment.cell_config("smollm2-360m/tinystories").ppo.init_kl_coef == 0.4
 
 
+def test_cell_overrides_apply_to_that_cell_only_after_the_model_ones(tmp_path):
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\npipeline: {preset: tiny, model_overrides: {smollm2-360m: [ppo.init_kl_coef=0.4]},\n"
+        "  cell_overrides: {smollm2-360m/cnn_dailymail: [ppo.init_kl_coef=0.3, reward.max_steps=9]}}\n")))
+    cell = experiment.cell_config("smollm2-360m/cnn_dailymail")
+    assert (cell.ppo.init_kl_coef, cell.reward.max_steps) == (0.3, 9)
+    for other in ("smollm2-360m/wikitext", "smollm2-135m/cnn_dailymail"):
+        assert experiment.cell_config(other).reward.max_steps != 9
+    assert experiment.cell_config("smollm2-360m/wikitext").ppo.init_kl_coef == 0.4
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -101,6 +112,10 @@ def test_model_overrides_apply_to_that_model_only_after_the_corpus_ones(tmp_path
         ("name: x\npipeline: {corpus_overrides: {wikitext: [ppo.stepz=3]}}\n", "ppo.stepz: unknown key"),
         ("name: x\npipeline: {model_overrides: {gpt-2: [ppo.steps=3]}}\n",
          "pipeline.model_overrides.gpt-2: unknown model"),
+        ("name: x\npipeline: {cell_overrides: {gpt-2/wikitext: [ppo.steps=3]}}\n",
+         "pipeline.cell_overrides.gpt-2/wikitext: not a model/corpus cell"),
+        ("name: x\npipeline: {cell_overrides: {smollm2-360m: [ppo.steps=3]}}\n",
+         "pipeline.cell_overrides.smollm2-360m: not a model/corpus cell"),
         ("name: x\nresources: {cpus: 2}\n", "resources.cpus: unknown key"),
         ("name: x\nsearch: {kl_coef: {low: 0.2, high: 0.1}}\n", "search.kl_coef: a range needs"),
         ("name: x\nsearch: {objective: {kind: best}}\n", "search.objective.kind"),

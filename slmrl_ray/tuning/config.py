@@ -49,6 +49,9 @@ class PipelineSource:
     # model key -> `a.b.c=value`s applied after the corpus's to that model's cells (e.g. a
     # larger KL coefficient for a model that drifts further per step)
     model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "model/corpus" -> `a.b.c=value`s applied last, to that one cell (a budget that only one
+    # model on one corpus needs, without moving the other cells' results)
+    cell_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class TuneExperiment:
         model, corpus = cell.split("/")
         source = self.config.pipeline
         overrides = [*source.overrides, *source.corpus_overrides.get(corpus, ()), *source.model_overrides.get(model, ()),
-                     f"model={model}", f"corpus={corpus}"]
+                     *source.cell_overrides.get(cell, ()), f"model={model}", f"corpus={corpus}"]
         overrides += [f"{key}={json.dumps(value)}" for key, value in (sampled or {}).items()]
         if output_dir is not None:
             overrides.append(f"output_dir={output_dir}")
@@ -244,6 +247,11 @@ def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str 
     for model in cfg.pipeline.model_overrides:
         if model not in default.models:
             raise ConfigError(f"pipeline.model_overrides.{model}: unknown model (known: {', '.join(default.models)})")
+    for cell in cfg.pipeline.cell_overrides:
+        model, _, corpus = cell.partition("/")
+        if model not in default.models or corpus not in default.corpora:
+            raise ConfigError(f"pipeline.cell_overrides.{cell}: not a model/corpus cell of the pipeline config "
+                              f"(models: {', '.join(default.models)}; corpora: {', '.join(default.corpora)})")
     experiment = TuneExperiment(cfg, data, base, _cells(cfg, default), source)
     for cell in experiment.cells:
         if cell.count("/") != 1:
