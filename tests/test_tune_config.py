@@ -318,11 +318,11 @@ def test_optuna_learns_final_objectives_only_and_a_stopped_trial_is_pruned(tmp_p
 
 
 def test_cells_whose_prepare_failed_are_skipped_and_every_expected_cell_gets_a_row(tmp_path):
-    from slmrl_ray.storage import artifacts_storage
     from slmrl_ray.tuning.experiment import (
         _skip_unprepared,
         experiment_root,
         unit_key,
+        upstream_fingerprint,
         write_failures,
         write_manifest,
         write_report,
@@ -337,9 +337,10 @@ def test_cells_whose_prepare_failed_are_skipped_and_every_expected_cell_gets_a_r
                "unit": unit_key({"cell": "pythia-70m/wikitext", "grid": {"ppo.algorithm": "ppo"}}),
                "state": "failed", "trial_id": "p1", "error": "OutOfMemoryError: CUDA out of memory"}]
     prepare, grid = next(lane for lane in phases(experiment, "grid") if lane[0].cells == ("pythia-70m/wikitext",))
-    assert _skip_unprepared(experiment, prepare, artifacts_storage(root, None), failed) == set()
-    # Nothing is committed in this store: the lane's variants lack their upstream stages.
-    skipped = _skip_unprepared(experiment, grid, artifacts_storage(root, None), failed)
+    unprepared = {upstream_fingerprint(experiment, json.loads(failed[0]["unit"]), prepare.stages)}
+    assert _skip_unprepared(experiment, prepare, unprepared, failed) == set()
+    # The two variants share the failed prepare's upstream stages.
+    skipped = _skip_unprepared(experiment, grid, unprepared, failed)
     assert len(skipped) == 2 and [f["state"] for f in failed] == ["failed", "skipped", "skipped"]
     write_failures(root, failed)
     record = {"experiment": "x", "kind": "grid", "trial_id": "t1", "model": "pythia-70m", "corpus": "tinystories",
@@ -356,6 +357,52 @@ def test_cells_whose_prepare_failed_are_skipped_and_every_expected_cell_gets_a_r
     assert states[("cnn_dailymail", "ppo")][0] == "not run"
     markdown = root.child("report", "results.md").read_text()
     assert "- pythia-70m / wikitext [ppo.algorithm=grpo]: skipped in grid-pythia-70m-wikitext:" in markdown
+
+
+def test_a_failed_prepare_skips_only_the_variants_built_on_it_whatever_device_the_driver_has(tmp_path, monkeypatch):
+    """The driver (a CPU head) and the trials (GPU workers) resolve `precision: auto` apart, so
+    their fingerprints differ: which variants lost their prepare is decided on the driver's own."""
+    from slmrl_ray import artifacts
+    from slmrl_ray.tuning import experiment as driver
+    from slmrl_ray.tuning.experiment import experiment_root, run_lane, unit_key
+
+    experiment = load_tune_config(write(tmp_path, (
+        f"name: x\nstorage_path: {tmp_path / 'runs'}\ncells: [pythia-70m/tinystories]\n"
+        "grid: {sft.learning_rate: [0.001, 0.002], ppo.algorithm: [ppo, grpo]}\n")))
+    root = experiment_root(experiment)
+    store = ArtifactStore(root.child("artifacts"))
+    machine = artifacts.runtime(experiment.cell_config(experiment.cells[0]).device)
+    on_a_gpu = {**machine, "device": "cuda", "bf16": True}
+    given: dict[str, list] = {}
+
+    def fit_phase(experiment, phase, index, root_uri, artifacts_uri, todo, log=print):
+        given[phase.kind] = todo
+        if phase.kind != "prepare":
+            return []
+        failures = []
+        for unit in todo:
+            if unit["grid"]["sft.learning_rate"] == 0.001:  # out of memory, say
+                failures.append({"phase": phase.name, "unit": unit_key(unit), "cell": unit["cell"],
+                                 "params": unit["grid"], "state": "failed", "error": "OutOfMemoryError"})
+                continue
+            with monkeypatch.context() as trial:  # the trial commits under its GPU's fingerprints
+                trial.setattr(artifacts, "runtime", lambda device: on_a_gpu)
+                config = experiment.cell_config(unit["cell"], unit["grid"])
+                folder = tmp_path / "built"
+                folder.mkdir(exist_ok=True)
+                (folder / "stage.json").write_text("{}")
+                assert store.publish_folder(folder, config.model, config.corpus, "reward",
+                                            stage_fingerprints(config)["reward"])
+        return failures
+
+    monkeypatch.setattr(driver, "fit_phase", fit_phase)
+    (lane,) = phases(experiment, "grid")
+    failed = run_lane(experiment, lane, 0, root.uri, store.root.uri, log=lambda line: None)
+    assert len(given["prepare"]) == 2
+    assert sorted((u["grid"]["sft.learning_rate"], u["grid"]["ppo.algorithm"]) for u in given["grid"]) == [
+        (0.002, "grpo"), (0.002, "ppo")]
+    assert sorted((f["state"], f["params"]["sft.learning_rate"]) for f in failed) == [
+        ("failed", 0.001), ("skipped", 0.001), ("skipped", 0.001)]
 
 
 def test_stale_trial_scratch_is_pruned_and_a_live_trials_is_kept(tmp_path, monkeypatch):

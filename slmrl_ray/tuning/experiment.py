@@ -329,25 +329,33 @@ def run_lane(experiment: TuneExperiment, lane: list[Phase], index: int, root_uri
              log: Callable[[str], None] = print) -> list[dict]:
     """A lane's phases in order; a unit whose prepare failed is skipped (and recorded as such)."""
     failed: list[dict] = []
+    unprepared: set[str] = set()  # upstream fingerprints whose prepare trial failed
     for phase in lane:
-        skipped = _skip_unprepared(experiment, phase, Storage.from_uri(artifacts_uri), failed)
+        skipped = _skip_unprepared(experiment, phase, unprepared, failed)
         todo = None if phase.kind == "search" else [u for u in units(experiment, phase) if unit_key(u) not in skipped]
         if todo == [] or (phase.kind == "search" and skipped):
             log(f"[{phase.name}] skipped: its prepare failed")
             continue
-        failed += fit_phase(experiment, phase, index, root_uri, artifacts_uri, todo, log)
+        failures = fit_phase(experiment, phase, index, root_uri, artifacts_uri, todo, log)
+        if phase.kind == "prepare":
+            unprepared |= {upstream_fingerprint(experiment, json.loads(f["unit"]), phase.stages) for f in failures}
+        failed += failures
     return failed
 
 
-def _skip_unprepared(experiment: TuneExperiment, phase: Phase, artifacts: Storage, failed: list[dict]) -> set[str]:
-    """The phase's units whose upstream stages a failed prepare never committed: skipped, and said so."""
+def _skip_unprepared(experiment: TuneExperiment, phase: Phase, unprepared: set[str], failed: list[dict]) -> set[str]:
+    """The phase's units whose prepare failed (by upstream fingerprint): skipped, and said so.
+
+    Both sides of the match are fingerprints computed here, on the driver. Asking the store
+    instead would compare the driver's fingerprints with the trials' ones, and a CPU head
+    resolves `precision: auto` unlike a GPU worker: every unit would look unprepared.
+    """
     upstream = tuple(s for s in phase.stages if s in UPSTREAM)
-    if phase.kind == "prepare" or not upstream or not any(f["state"] == "failed" for f in failed):
+    if phase.kind == "prepare" or not upstream or not unprepared:
         return set()
-    store = ArtifactStore(artifacts)
     skipped = set()
     for unit in units(experiment, phase):
-        if not store.has(experiment.cell_config(unit["cell"], unit["grid"]), upstream[-1]):
+        if upstream_fingerprint(experiment, unit, upstream) in unprepared:
             key = unit_key(unit)
             skipped.add(key)
             failed.append({"phase": phase.name, "unit": key, "cell": unit["cell"], "params": unit["grid"],
