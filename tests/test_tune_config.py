@@ -309,12 +309,25 @@ def test_optuna_learns_final_objectives_only_and_a_stopped_trial_is_pruned(tmp_p
     assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {}
     assert finished.state == TrialState.COMPLETE and finished.value == 0.25
 
-
     pareto = load_tune_config(write(tmp_path, (
         "name: x\ncells: [pythia-70m/tinystories]\nsearch: {objective: {kind: pareto}}\n")))
-    tune_config = _search_tune_config(pareto, phases(pareto, "search")[0][1], index=0)
-    assert tune_config.search_alg.searcher.metric == ["reward_gain", "kl"]
-    assert tune_config.search_alg.searcher.mode == ["max", "min"]
+    phase = phases(pareto, "search")[0][1]
+    tune_config = _search_tune_config(pareto, phase, index=0)
+    searcher = tune_config.search_alg.searcher
+    assert searcher.metric == ["reward_gain", "kl"]
+    assert searcher.mode == ["max", "min"]
+    # Two objectives: a trial without final numbers still leaves the study's RUNNING state.
+    searcher.set_search_properties(None, None, _param_space(pareto, phase, None))
+    running = {"reward_gain": math.nan, "kl": math.nan, "running_objective": 0.9, "training_iteration": 3}
+    for trial in ("stopped", "failed", "finished"):
+        searcher.suggest(trial)
+        searcher.on_trial_result(trial, running)
+    searcher.on_trial_complete("stopped", running)
+    searcher.on_trial_complete("failed", running, error=True)
+    searcher.on_trial_complete("finished", {**running, "reward_gain": 0.3, "kl": 2.0, "objective_final": True})
+    stopped, failed, finished = searcher._ot_study.trials
+    assert (stopped.state, failed.state) == (TrialState.PRUNED, TrialState.FAIL)
+    assert finished.state == TrialState.COMPLETE and finished.values == [0.3, 2.0]
 
 
 def test_cells_whose_prepare_failed_are_skipped_and_every_expected_cell_gets_a_row(tmp_path):

@@ -175,9 +175,11 @@ def final_objective_optuna(**kwargs):
                 super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # No result at all, not one without the metric: with a list of metrics (pareto)
+            # OptunaSearch reads [None, None] as a value and tells the study COMPLETE, which
+            # Optuna rejects, leaving the trial RUNNING in the study for good.
             if result and not result.get("objective_final"):
-                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-                result = {k: v for k, v in result.items() if k not in metrics}
+                result = None
             super().on_trial_complete(trial_id, result, error)
 
     return FinalObjectiveOptuna(**kwargs)
