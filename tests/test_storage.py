@@ -173,7 +173,7 @@ def test_a_second_driver_is_refused_while_the_first_holds_the_lease(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode != 0
         assert f"being run by another driver (pid {os.getpid()}" in second.stderr, second.stderr[-2000:]
-    assert not root.child("driver.lease").exists()  # released on exit
+    assert root.child("driver.lease").list() == []  # released on exit
     DriverLease(root).acquire().release()
 
 
@@ -182,10 +182,10 @@ def test_a_lease_is_taken_over_once_its_holder_is_dead_or_silent(tmp_path):
     holder = subprocess.run([sys.executable, "-c", "import sys; from slmrl_ray.lease import DriverLease; "
                              "from slmrl_ray.storage import Storage; DriverLease(Storage.from_uri(sys.argv[1]), ttl_s=600).acquire()",
                              root.uri], cwd=REPO, timeout=120)
-    assert holder.returncode == 0 and root.child("driver.lease").exists()  # died holding it
+    assert holder.returncode == 0 and root.child("driver.lease").list() == ["000001"]  # died holding it
     DriverLease(root).acquire().release()  # a dead pid on this host: taken over at once
 
-    lease = root.child("driver.lease")
+    lease = root.child("driver.lease", "000007")
     elsewhere = {"id": "x", "host": "another-node", "pid": 1, "what": "driver"}
     lease.write_json({**elsewhere, "expires_at": time.time() + 600})
     with pytest.raises(LeaseHeld, match="another-node"):
@@ -196,9 +196,43 @@ def test_a_lease_is_taken_over_once_its_holder_is_dead_or_silent(tmp_path):
 
 def test_a_held_lease_is_renewed(tmp_path):
     root = Storage.from_uri(str(tmp_path / "exp"))
-    with DriverLease(root, ttl_s=0.6):
-        first = root.child("driver.lease").read_json()["expires_at"]
+    with DriverLease(root, ttl_s=0.6) as held:
+        first = held.place.read_json()["expires_at"]
         time.sleep(1.0)
-        assert root.child("driver.lease").read_json()["expires_at"] > first + 0.3
+        assert held.place.read_json()["expires_at"] > first + 0.3
         with pytest.raises(LeaseHeld):
             DriverLease(root).acquire()
+
+
+def test_of_two_drivers_taking_over_one_stale_lease_only_one_holds_it(store_root, monkeypatch):
+    """A between A's look at the stale lease and its takeover: B takes it over first, and A
+    must not then replace B's fresh lease with its own."""
+    root = Storage.from_uri(store_root)
+    silent = DriverLease(root, ttl_s=0.05).acquire()
+    silent._stop.set()  # its holder hangs: no more renewals, so the lease expires
+    silent._thread.join()
+    time.sleep(0.1)
+    first, second = DriverLease(root), DriverLease(root)
+    judge, interleaved_once = DriverLease._stale, []
+
+    def interleaved(lease, current):
+        stale = judge(lease, current)
+        if lease is first and not interleaved_once:
+            interleaved_once.append(second.acquire())  # B, in the middle of A's takeover
+        return stale
+
+    monkeypatch.setattr(DriverLease, "_stale", interleaved)
+    with pytest.raises(LeaseHeld, match="being run by another driver"):
+        first.acquire()
+    assert second.place.read_json()["id"] == second.holder["id"]  # B's lease stands
+    second.release()
+
+
+def test_a_lease_left_by_a_single_file_driver_is_still_honoured(tmp_path):
+    root = Storage.from_uri(str(tmp_path / "exp"))
+    legacy = root.child("driver.lease")
+    legacy.write_json({"id": "x", "host": "another-node", "pid": 1, "expires_at": time.time() + 600})
+    with pytest.raises(LeaseHeld, match="another-node"):
+        DriverLease(root).acquire()
+    legacy.write_json({"id": "x", "host": "another-node", "pid": 1, "expires_at": time.time() - 1})
+    DriverLease(root).acquire().release()

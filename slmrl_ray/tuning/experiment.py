@@ -3,7 +3,7 @@
 Storage layout, under `<storage_path>/<name>/` (any URI `slmrl_ray.storage` takes):
 
     experiment.json            what was asked (kind + the tune config): `resume` needs only this
-    driver.lease               the running driver's lease: a second driver refuses to start
+    driver.lease/<n>           the running driver's lease (generation n): a second driver refuses to start
     artifacts/                 committed stage folders by fingerprint (unless `artifacts_path`)
     grid/                      a plain grid's Tune experiment (trial checkpoints, results, TensorBoard)
     prepare-<model>-<corpus>/  a search's or an axes grid's first phase for one cell: data, SFT and
