@@ -160,7 +160,9 @@ class TuneFileConfig:
     stages: tuple[str, ...] = STAGES
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2  # retries per trial, each resuming from its last checkpoint
-    max_concurrent_trials: int | None = None  # grid; None: as many as resources allow
+    # grid: trials at once per Tuner, that is in the whole plain grid but per cell in a grid with
+    # `grid:` axes (its cells' lanes run side by side); None: as many as resources allow
+    max_concurrent_trials: int | None = None
     keep_checkpoints: int = 2
     search: Search | None = None
     # Extra grid axes crossed with the cells: pipeline config keys -> values, e.g.
