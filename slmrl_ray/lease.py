@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Callable
 
 from slmrl_ray.storage import Storage
 
@@ -50,10 +51,14 @@ class DriverLease:
 
     NAME = "driver.lease"
 
-    def __init__(self, root: Storage, ttl_s: float = 60.0, what: str = "driver") -> None:
+    def __init__(self, root: Storage, ttl_s: float = 60.0, what: str = "driver",
+                 on_lost: Callable[["DriverLease"], None] | None = None) -> None:
         self.folder = root.child(self.NAME)
         self.root = root
         self.ttl_s = ttl_s
+        # Called (from the renewal thread) when a renewal finds a newer generation: this holder
+        # stalled past its expiry and another driver took over, so it must stop driving.
+        self.on_lost = on_lost
         self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "what": what}
         self.place: Storage | None = None  # the generation this driver holds, once it does
         self._stop = threading.Event()
@@ -117,13 +122,15 @@ class DriverLease:
         return False
 
     def _renew(self) -> None:
+        number = int(self.place.path.rsplit("/", 1)[-1])
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if self.place.read_json().get("id") != self.holder["id"] or \
-                        self.generations()[-1] != int(self.place.path.rsplit("/", 1)[-1]):
-                    return  # expired while we stalled, and taken over: the new generation is in force
+                if self.generations()[-1:] != [number]:  # superseded (or removed): never write it again
+                    if self.on_lost is not None:
+                        self.on_lost(self)
+                    return
                 self.place.write_text(self._payload())
-            except (OSError, ValueError, IndexError):
+            except (OSError, ValueError):
                 continue  # storage hiccup: the next renewal tries again
 
     def release(self) -> None:

@@ -236,3 +236,26 @@ def test_a_lease_left_by_a_single_file_driver_is_still_honoured(tmp_path):
         DriverLease(root).acquire()
     legacy.write_json({"id": "x", "host": "another-node", "pid": 1, "expires_at": time.time() - 1})
     DriverLease(root).acquire().release()
+
+
+def test_a_driver_whose_lease_was_taken_over_stops_at_once(tmp_path):
+    """It stalled past its lease's expiry and another driver took the experiment over: it must
+    not drive on beside the new one, nor write over the new lease."""
+    root = Storage.from_uri(str(tmp_path / "exp"))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from slmrl_ray.lease import DriverLease; from slmrl_ray.storage import Storage; "
+        "from slmrl_ray.tuning.experiment import stop_driver; "
+        "DriverLease(Storage.from_uri(sys.argv[1]), ttl_s=0.6, on_lost=stop_driver).acquire(); time.sleep(60)"),
+        root.uri], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while root.child("driver.lease").list() != ["000001"]:
+            assert time.monotonic() < deadline and holder.poll() is None, "the holder never took its lease"
+            time.sleep(0.05)
+        newer = root.child("driver.lease", "000002")
+        newer.write_json({"id": "new", "host": "another-node", "pid": 1, "expires_at": time.time() + 600})
+        _, stderr = holder.communicate(timeout=20)
+    finally:
+        holder.kill()
+    assert holder.returncode == 1 and "another driver took" in stderr and "this driver stops now" in stderr, stderr
+    assert newer.read_json()["id"] == "new"

@@ -292,7 +292,7 @@ def run_experiment(experiment: TuneExperiment, kind: str, log: Callable[[str], N
         raise ConfigError("search: a `search` section is required for `slmrl-ray search`")
     root = experiment_root(experiment)
     try:
-        lease = DriverLease(root, what=f"slmrl-ray {kind}").acquire()
+        lease = DriverLease(root, what=f"slmrl-ray {kind}", on_lost=stop_driver).acquire()
     except LeaseHeld as error:
         raise ExperimentError(str(error)) from None
     try:
@@ -308,6 +308,18 @@ def run_experiment(experiment: TuneExperiment, kind: str, log: Callable[[str], N
         raise ExperimentError(f"{len(failed)} trial(s) failed after retries or were skipped:\n" +
                               "\n".join(f"{f['phase']}: {f['cell']} {f['params'] or ''}: {f['error']}" for f in failed))
     return summary
+
+
+def stop_driver(lease: DriverLease) -> None:
+    """A driver whose lease another driver took over (it stalled past the lease's expiry) exits
+    at once: its trials die with it, and the new driver continues from storage. Running on, it
+    would write the same trials, results and report as the new one."""
+    import sys
+
+    sys.stderr.write(f"slmrl-ray: another driver took {lease.root.uri} over ({lease.folder.uri}); "
+                     f"this driver stops now\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def run_lanes(experiment: TuneExperiment, lanes: list[list[Phase]], root: Storage, artifacts: Storage,
