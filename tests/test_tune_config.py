@@ -418,6 +418,32 @@ def test_a_failed_prepare_skips_only_the_variants_built_on_it_whatever_device_th
         ("failed", 0.001), ("skipped", 0.001), ("skipped", 0.001)]
 
 
+def test_a_prepare_whose_training_check_failed_is_a_failure_of_its_phase_without_retries(tmp_path, monkeypatch):
+    """A collapsed SFT fails the same way on every retry with its seed: the trial ends with the
+    check in its last result (no error for Tune to retry), and the phase records it."""
+    from types import SimpleNamespace
+
+    from slmrl_ray.tuning import experiment as driver
+    from slmrl_ray.tuning.experiment import unit_key
+
+    experiment = load_tune_config(write(tmp_path, (
+        f"name: x\nstorage_path: {tmp_path / 'runs'}\ncells: [pythia-70m/tinystories]\n"
+        "grid: {sft.learning_rate: [0.001, 0.002]}\n")))
+    prepare = phases(experiment, "grid")[0][0]
+    low, high = ({"cell": "pythia-70m/tinystories", "grid": {"sft.learning_rate": rate}} for rate in (0.001, 0.002))
+    collapsed = "TrainingCheckError: sft: the LoRA weights did not change during training"
+    results = [SimpleNamespace(error=None, config={"unit": low}, path="/x/cell_trial_1",
+                               metrics={"cell": low["cell"], "prepare_failed": collapsed}),
+               SimpleNamespace(error=None, config={"unit": high}, path="/x/cell_trial_2",
+                               metrics={"cell": high["cell"], "stages_done": 3})]
+    tuner = SimpleNamespace(fit=lambda: type("Results", (list,), {"num_errors": 0})(results))
+    monkeypatch.setattr(driver, "_tuner", lambda *args: (tuner, False))
+    root = str(tmp_path / "runs" / "x")
+    (failure,) = driver.fit_phase(experiment, prepare, 0, root, root + "/artifacts", [low, high], log=lambda line: None)
+    assert (failure["unit"], failure["state"], failure["error"], failure["trial_id"]) == (
+        unit_key(low), "failed", collapsed, "cell_trial_1")
+
+
 def test_stale_trial_scratch_is_pruned_and_a_live_trials_is_kept(tmp_path, monkeypatch):
     import socket
     import subprocess

@@ -393,14 +393,17 @@ def fit_phase(experiment: TuneExperiment, phase: Phase, index: int, root_uri: st
     log(f"[{phase.name}] finished in {time.perf_counter() - started:.1f} s, {results.num_errors} error(s)")
     failures = []
     for result in results:
-        if result.error is None:
+        # A prepare trial whose training check failed ends without an error (a retry with the
+        # same seed would fail it again) and says so in its last result.
+        check = (result.metrics or {}).get("prepare_failed") if result.error is None else None
+        if result.error is None and not check:
             continue
         config = result.config or {}
         unit = config.get("unit") or {"cell": config.get("cell", phase.cells[0]), "grid": {}}
         params = {**(unit.get("grid") or {}), **config.get("search", {})}
         failures.append({"phase": phase.name, "unit": unit_key(unit), "cell": unit["cell"], "params": params,
                          "state": "failed", "trial_id": Path(result.path).name if result.path else None,
-                         "error": _last_line(result.error)})
+                         "error": check[:500] if check else _last_line(result.error)})
     return failures
 
 

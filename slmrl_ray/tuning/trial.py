@@ -13,8 +13,9 @@ plugged in:
   reward gain on its own rollouts (ASHA's metric); at the end, `objective`, the gain on the
   validation prompts (Optuna's metric, NaN until then: a trial ASHA stops never has one,
   and reaches Optuna as pruned).
-A diverged PPO run is recorded once (`diverged`, with its error) and ends the trial
-without a retry; in a search it scores `diverged_score`, never a good score.
+A diverged PPO run (or a failed training check) is recorded once (`diverged`, with its
+error) and ends the trial without a retry; in a search it scores `diverged_score`, never a
+good score. In a prepare trial it ends the trial too, and the phase records the failure.
 When the cell is done, its record (metrics, fingerprints, params, objective) goes to
 `<experiment>/results/<trial_id>.json`, where `slmrl-ray report` reads it. The scratch
 folder goes however the trial ends (done, stopped, failed); one left by a killed process
@@ -333,9 +334,11 @@ def _run_cell(experiment: TuneExperiment, kind: str, stages: tuple[str, ...], st
         results = run_pipeline(config, stages, report=reporter, store=store, log=lambda line: print(f"[{cell}] {line}"))
     except (PPODivergedError, NonFiniteError, TrainingCheckError) as error:
         # Recorded once, and the trial ends: a retry with the same seed would diverge (or
-        # collapse to empty answers) again. A prepare trial's failure is the phase's to record.
+        # collapse to empty answers) again. A prepare trial's failure is the phase's to record
+        # (`fit_phase`), and the variants built on it are skipped.
         if kind == "prepare":
-            raise
+            tune.report({"cell": cell, "prepare_failed": f"{type(error).__name__}: {error}"})
+            return
         final = {"cell": cell, "diverged": True, "error": str(error), "done_cell": True,
                  **(tracker.diverged() if tracker is not None else {})}
         record.write(storage_uri, {}, reporter.stage_times, final.get("objective"), diverged=True,
