@@ -30,6 +30,7 @@ $SLMRL_RAY_API_KEY where the app is built), every route but /health needs
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import time
 import uuid
@@ -40,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmrl_ray.serving.api import (
@@ -57,7 +58,13 @@ from slmrl_ray.serving.api import (
 from slmrl_ray.serving.config import Limits, ServedModel, ServeArgs, Sizing, build_catalog, parse_args
 from slmrl_ray.serving.deployments import PolicyDeployment, RewardDeployment
 
+logger = logging.getLogger("ray.serve")
 app = FastAPI(title="slmrl-ray", description="SFT and PPO policies and reward models of slmrl-ray runs")
+
+
+# A replica lost mid-request (died, or no longer routable) or a deployment with no replica up:
+# Serve replaces them, so a 503 that invites a retry, never a 500.
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class Failure(Exception):
@@ -181,7 +188,7 @@ class Gateway:
             if isinstance(failure, asyncio.TimeoutError):
                 raise Failure(504, f"the request took longer than {self.limits.request_timeout_s} s "
                                    f"(limits.request_timeout_s); it was stopped", retry=False) from None
-            if isinstance(failure, RayActorError):
+            if isinstance(failure, _REPLICA_LOST):
                 raise Failure(503, "a model replica died while serving this request; Serve is replacing it, "
                                    "retry shortly") from None
             raise
@@ -234,8 +241,12 @@ class Gateway:
                 yield "data: [DONE]\n\n"
             except asyncio.TimeoutError:
                 yield chunks.error(f"the request took longer than {self.limits.request_timeout_s} s", 504)
-            except (RayActorError, BackPressureError):
+            except _REPLICA_LOST:
                 yield chunks.error("a model replica died while serving this request", 503)
+            except Exception as failure:  # noqa: BLE001 (the 200 is out: the client learns it from the stream)
+                logger.exception("a streamed completion failed")
+                yield chunks.error(f"internal server error ({type(failure).__name__}); the server log has "
+                                   f"the details", 500)
             finally:
                 if not finished:  # a timeout, an error, or a client that went away
                     stream.cancel()

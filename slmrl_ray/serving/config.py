@@ -38,7 +38,7 @@ class Limits:
     max_n: int = 8  # cap on n (completions, best-of-n)
     max_reward_pairs: int = 64  # pairs per /v1/rewards request
     max_body_bytes: int = 65_536
-    request_timeout_s: float = 60.0  # longer requests end with a 503
+    request_timeout_s: float = 60.0  # longer requests are stopped: a 504 that says not to retry
 
 
 @dataclass(frozen=True)
