@@ -290,7 +290,7 @@ _bodies = st.one_of(
 
 
 _cases = st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/rewards", "/v1/compare",
-                                     "/v1/best_of_n", "/v1/models/x", "/health"]),
+                                     "/v1/best_of_n", "/v1/models", "/v1/models/x", "/health"]),
                    _bodies, st.booleans(), st.binary(max_size=40))
 
 
@@ -307,7 +307,7 @@ def test_malformed_requests_never_get_a_5xx(server, cases):
             async def one(route, body, raw, junk):
                 payload = junk if raw else json.dumps(body, allow_nan=True)
                 async with gate:
-                    if route in ("/v1/models/x", "/health"):
+                    if route in ("/v1/models", "/v1/models/x", "/health"):
                         return route, payload, await session.get(f"{server}{route}")
                     return route, payload, await session.post(f"{server}{route}", content=payload)
             return await asyncio.gather(*(one(*case) for case in cases))
@@ -316,6 +316,12 @@ def test_malformed_requests_never_get_a_5xx(server, cases):
         assert response.status_code < 500, (route, payload, response.status_code, response.text)
         if response.status_code >= 400:
             assert response.json()["error"]["message"]
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            # A stream's 200 goes out first: a failure after it is an error event, as bad as a 5xx.
+            events = [json.loads(line[6:]) for line in response.text.splitlines()
+                      if line.startswith("data: {")]
+            assert not any("error" in event for event in events), (route, payload, response.text)
+            assert response.text.endswith("data: [DONE]\n\n"), (route, payload, response.text)
 
 
 def test_concurrent_reward_requests_are_batched(server):
