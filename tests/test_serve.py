@@ -483,7 +483,8 @@ def slow(serve_application, runs):
         "artifacts": [{"cell": "pythia-70m/tinystories", "stage": stage, "uri": str(paths.stage(stage))}
                       for stage in ("sft", "ppo", "reward")],
         "device": "cpu", "limits": {**LIMITS, "request_timeout_s": 2.0},
-        "policy": {"num_cpus": 0.25}, "reward": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.25},
+        "policy": {"num_cpus": 0.25}, "reward": {"num_cpus": 0.25},
+        "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 2, "max_queued_requests": 2},  # admits 4
         "faults": {"token_delay_s": DELAY},
     }
     url = serve_application(args, "slow", "/slow")
@@ -554,3 +555,20 @@ def test_a_request_past_the_time_limit_is_stopped_and_says_not_to_retry(slow):
         client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time", max_tokens=32,
                                   temperature=0)
     assert raised.value.status_code == 504 and time.perf_counter() - started < 4.0
+
+
+def test_a_full_ingress_is_the_apps_json_503_not_serves_text(slow):
+    """Serve's proxy answers a full ingress queue itself, in text/plain: the app admits its
+    ingress's 2 running + 2 queued and refuses the rest in JSON before Serve would."""
+    async def flood():
+        async with httpx.AsyncClient(timeout=60) as session:
+            body = {"model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time", "max_tokens": 8,
+                    "temperature": 0}
+            return await asyncio.gather(*(session.post(f"{slow}/v1/completions", json=body) for _ in range(12)))
+
+    responses = asyncio.run(flood())
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and len(refused) < len(responses), [r.status_code for r in responses]
+    for response in refused:
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json", response.text
+        assert response.json()["error"]["type"] == "overloaded" and response.headers["retry-after"] == "1"

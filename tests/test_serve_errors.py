@@ -117,3 +117,59 @@ def test_a_replica_lost_mid_stream_is_a_503_error_event(failure):
 
     events = asyncio.run(run())
     assert json.loads(events[-1][6:])["error"]["code"] == 503 and stream.cancelled
+
+
+def test_the_ingress_refuses_what_it_cannot_admit_in_json_so_serves_proxy_never_has_to():
+    """Serve's proxy answers a full ingress queue itself, in text/plain: the app admits its
+    `max_ongoing_requests + max_queued_requests` (a stream until its last byte) and answers the
+    rest with a JSON 503, and Serve is set to route twice that to it and to queue the rest."""
+    from fastapi.responses import StreamingResponse
+
+    from slmrl_ray.serving.app import _ingress_options, app
+    from slmrl_ray.serving.config import Sizing
+
+    options, admitted = _ingress_options(Sizing(max_ongoing_requests=3, max_queued_requests=5))
+    assert admitted == 8 and options["max_ongoing_requests"] == 16 and options["max_queued_requests"] == -1
+    assert _ingress_options(Sizing(max_queued_requests=-1))[1] is None  # Serve's "no limit": admit all
+
+    gate = {}  # this run's event (one event loop per asyncio.run)
+
+    async def held():
+        await gate["release"].wait()
+        return {"ok": True}
+
+    async def streamed():
+        async def pieces():
+            yield "data: 1\n\n"
+            await gate["release"].wait()
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+    async def run(path: str):
+        release = gate["release"] = asyncio.Event()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as session:
+            first = asyncio.create_task(session.get(path))
+            await asyncio.sleep(0.2)  # the first is in (for a stream: its first piece is out)
+            refused = await asyncio.wait_for(session.get(path), 10)  # (admitted, it would wait on the first)
+            release.set()
+            answered = await first
+            release.clear()
+            asyncio.get_running_loop().call_later(0.1, release.set)
+            after = await session.get(path)  # the slot came back
+            return refused, answered, after
+
+    saved = dict(vars(app.state)["_state"])
+    app.add_api_route("/test-held", held)
+    app.add_api_route("/test-streamed", streamed)
+    try:
+        app.state.max_admitted, app.state.api_key_digest, app.state.max_body_bytes = 1, None, None
+        for path in ("/test-held", "/test-streamed"):
+            refused, answered, after = asyncio.run(run(path))
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", (path, refused.text)
+            assert refused.json()["error"]["type"] == "overloaded"
+            assert answered.status_code == after.status_code == 200, path
+    finally:
+        app.router.routes = [r for r in app.router.routes if not getattr(r, "path", "").startswith("/test-")]
+        vars(app.state)["_state"].clear()
+        vars(app.state)["_state"].update(saved)
