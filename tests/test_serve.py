@@ -290,7 +290,7 @@ _bodies = st.one_of(
 
 
 _cases = st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/rewards", "/v1/compare",
-                                     "/v1/best_of_n", "/v1/models/x", "/health"]),
+                                     "/v1/best_of_n", "/v1/models", "/v1/models/x", "/health"]),
                    _bodies, st.booleans(), st.binary(max_size=40))
 
 
@@ -307,7 +307,7 @@ def test_malformed_requests_never_get_a_5xx(server, cases):
             async def one(route, body, raw, junk):
                 payload = junk if raw else json.dumps(body, allow_nan=True)
                 async with gate:
-                    if route in ("/v1/models/x", "/health"):
+                    if route in ("/v1/models", "/v1/models/x", "/health"):
                         return route, payload, await session.get(f"{server}{route}")
                     return route, payload, await session.post(f"{server}{route}", content=payload)
             return await asyncio.gather(*(one(*case) for case in cases))
@@ -316,6 +316,12 @@ def test_malformed_requests_never_get_a_5xx(server, cases):
         assert response.status_code < 500, (route, payload, response.status_code, response.text)
         if response.status_code >= 400:
             assert response.json()["error"]["message"]
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            # A stream's 200 goes out first: a failure after it is an error event, as bad as a 5xx.
+            events = [json.loads(line[6:]) for line in response.text.splitlines()
+                      if line.startswith("data: {")]
+            assert not any("error" in event for event in events), (route, payload, response.text)
+            assert response.text.endswith("data: [DONE]\n\n"), (route, payload, response.text)
 
 
 def test_concurrent_reward_requests_are_batched(server):
@@ -477,7 +483,8 @@ def slow(serve_application, runs):
         "artifacts": [{"cell": "pythia-70m/tinystories", "stage": stage, "uri": str(paths.stage(stage))}
                       for stage in ("sft", "ppo", "reward")],
         "device": "cpu", "limits": {**LIMITS, "request_timeout_s": 2.0},
-        "policy": {"num_cpus": 0.25}, "reward": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.25},
+        "policy": {"num_cpus": 0.25}, "reward": {"num_cpus": 0.25},
+        "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 2, "max_queued_requests": 2},  # admits 4
         "faults": {"token_delay_s": DELAY},
     }
     url = serve_application(args, "slow", "/slow")
@@ -548,3 +555,20 @@ def test_a_request_past_the_time_limit_is_stopped_and_says_not_to_retry(slow):
         client.completions.create(model="ppo/pythia-70m/tinystories", prompt="Once upon a time", max_tokens=32,
                                   temperature=0)
     assert raised.value.status_code == 504 and time.perf_counter() - started < 4.0
+
+
+def test_a_full_ingress_is_the_apps_json_503_not_serves_text(slow):
+    """Serve's proxy answers a full ingress queue itself, in text/plain: the app admits its
+    ingress's 2 running + 2 queued and refuses the rest in JSON before Serve would."""
+    async def flood():
+        async with httpx.AsyncClient(timeout=60) as session:
+            body = {"model": "ppo/pythia-70m/tinystories", "prompt": "Once upon a time", "max_tokens": 8,
+                    "temperature": 0}
+            return await asyncio.gather(*(session.post(f"{slow}/v1/completions", json=body) for _ in range(12)))
+
+    responses = asyncio.run(flood())
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and len(refused) < len(responses), [r.status_code for r in responses]
+    for response in refused:
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json", response.text
+        assert response.json()["error"]["type"] == "overloaded" and response.headers["retry-after"] == "1"

@@ -30,6 +30,7 @@ $SLMRL_RAY_API_KEY where the app is built), every route but /health needs
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import time
 import uuid
@@ -40,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmrl_ray.serving.api import (
@@ -57,7 +58,13 @@ from slmrl_ray.serving.api import (
 from slmrl_ray.serving.config import Limits, ServedModel, ServeArgs, Sizing, build_catalog, parse_args
 from slmrl_ray.serving.deployments import PolicyDeployment, RewardDeployment
 
+logger = logging.getLogger("ray.serve")
 app = FastAPI(title="slmrl-ray", description="SFT and PPO policies and reward models of slmrl-ray runs")
+
+
+# A replica lost mid-request (died, or no longer routable) or a deployment with no replica up:
+# Serve replaces them, so a 503 that invites a retry, never a 500.
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class Failure(Exception):
@@ -98,6 +105,30 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class _Admission:
+    """At most `app.state.max_admitted` requests in this ingress replica at once (a stream counts
+    until its last byte); beyond, a JSON 503. Serve's own limits on the ingress are set above
+    this (`_ingress_options`), because its proxy answers a full ingress queue itself, in text/plain."""
+
+    def __init__(self, asgi) -> None:
+        self.asgi, self.admitted = asgi, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        limit = getattr(scope.get("app").state, "max_admitted", None) if scope["type"] == "http" else None
+        if limit is not None and self.admitted >= limit:
+            response = error(503, "the server is at capacity; retry shortly", kind="overloaded",
+                             headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.admitted += 1
+        try:
+            await self.asgi(scope, receive, send)
+        finally:
+            self.admitted -= 1
+
+
+app.add_middleware(_Admission)  # added first, so it runs last: after the key and body checks
+
+
 @app.middleware("http")
 async def _limit_body(request: Request, call_next):
     """Bodies over `limits.max_body_bytes` are a 413, before any parsing."""
@@ -131,12 +162,14 @@ async def _authorize(request: Request, call_next):
 @serve.deployment
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, policy, reward, models: dict[str, dict], limits: dict, api_key_digest: str | None = None) -> None:
+    def __init__(self, policy, reward, models: dict[str, dict], limits: dict, api_key_digest: str | None = None,
+                 max_admitted: int | None = None) -> None:
         self.policy, self.reward = policy, reward
         self.catalog = {model_id: ServedModel(**fields) for model_id, fields in models.items()}
         self.limits = Limits(**limits)
         app.state.max_body_bytes = self.limits.max_body_bytes
         app.state.api_key_digest = api_key_digest
+        app.state.max_admitted = max_admitted
 
     # -- helpers
 
@@ -181,7 +214,7 @@ class Gateway:
             if isinstance(failure, asyncio.TimeoutError):
                 raise Failure(504, f"the request took longer than {self.limits.request_timeout_s} s "
                                    f"(limits.request_timeout_s); it was stopped", retry=False) from None
-            if isinstance(failure, RayActorError):
+            if isinstance(failure, _REPLICA_LOST):
                 raise Failure(503, "a model replica died while serving this request; Serve is replacing it, "
                                    "retry shortly") from None
             raise
@@ -234,8 +267,12 @@ class Gateway:
                 yield "data: [DONE]\n\n"
             except asyncio.TimeoutError:
                 yield chunks.error(f"the request took longer than {self.limits.request_timeout_s} s", 504)
-            except (RayActorError, BackPressureError):
+            except _REPLICA_LOST:
                 yield chunks.error("a model replica died while serving this request", 503)
+            except Exception as failure:  # noqa: BLE001 (the 200 is out: the client learns it from the stream)
+                logger.exception("a streamed completion failed")
+                yield chunks.error(f"internal server error ({type(failure).__name__}); the server log has "
+                                   f"the details", 500)
             finally:
                 if not finished:  # a timeout, an error, or a client that went away
                     stream.cancel()
@@ -373,6 +410,22 @@ def _options(sizing: Sizing) -> dict:
     }
 
 
+def _ingress_options(sizing: Sizing) -> tuple[dict, int | None]:
+    """The ingress's Serve options and how many requests it admits at once (`_Admission`).
+
+    Its `max_ongoing_requests + max_queued_requests` are admitted (its handlers only await the
+    model deployments, so waiting in them is the queue) and the rest get a JSON 503. Serve is
+    told to route twice that to the replica and to queue, not refuse, any beyond: refusals
+    are then always the app's own JSON. A negative `max_queued_requests` (Serve's "no limit")
+    admits everything.
+    """
+    options = _options(sizing)
+    if sizing.max_queued_requests < 0:
+        return options, None
+    admitted = sizing.max_ongoing_requests + sizing.max_queued_requests
+    return {**options, "max_ongoing_requests": 2 * admitted, "max_queued_requests": -1}, admitted
+
+
 def build_app(args: dict):
     """The Serve application builder (`import_path: slmrl_ray.serving.app:build_app`)."""
     parsed: ServeArgs = parse_args(dict(args))
@@ -387,5 +440,6 @@ def build_app(args: dict):
         rewards, parsed.device, parsed.reward.max_models_per_replica, parsed.reward.max_batch_size,
         parsed.reward.batch_wait_timeout_s)
     api_key = parsed.api_key or os.environ.get("SLMRL_RAY_API_KEY") or None
-    return Gateway.options(**_options(parsed.ingress)).bind(policy, reward, plain, asdict(parsed.limits),
-                                                            key_digest(api_key) if api_key else None)
+    ingress, admitted = _ingress_options(parsed.ingress)
+    return Gateway.options(**ingress).bind(policy, reward, plain, asdict(parsed.limits),
+                                           key_digest(api_key) if api_key else None, admitted)

@@ -38,7 +38,7 @@ class Limits:
     max_n: int = 8  # cap on n (completions, best-of-n)
     max_reward_pairs: int = 64  # pairs per /v1/rewards request
     max_body_bytes: int = 65_536
-    request_timeout_s: float = 60.0  # longer requests end with a 503
+    request_timeout_s: float = 60.0  # longer requests are stopped: a 504 that says not to retry
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ class ServeArgs:
     limits: Limits = field(default_factory=Limits)
     policy: PolicySizing = field(default_factory=PolicySizing)
     reward: RewardSizing = field(default_factory=RewardSizing)
+    # The ingress admits max_ongoing + max_queued requests per replica and refuses the rest with a
+    # JSON 503 itself (Serve's proxy would answer text/plain): Serve gets twice that, and no queue cap.
     ingress: Sizing = field(default_factory=lambda: Sizing(max_ongoing_requests=128, max_queued_requests=256))
     # Every route but /health then needs `Authorization: Bearer <key>`. Prefer the environment
     # ($SLMRL_RAY_API_KEY where the app is built): args show in Serve's dashboard; only the key's
