@@ -145,13 +145,10 @@ def test_the_shipped_grid_confirms_its_gains_and_every_reward_model_learned(full
         for r in rows)
     assert len(rows) == 15, table
     print(f"\ntiny grid, confirmed {sum(row['confirmed'] for row in rows)} of {len(rows)}:\n{table}")
-    # Measured on the 2-core CI machine: 11 of 15 confirmed (the goal is 13), reward models at
-    # 0.91-1.00 but smollm2-360m/cnn_dailymail's 0.79. A margin of two cells and 0.04 for
-    # another CPU's arithmetic; on this one every seeded run repeats its digits.
-    assert sum(row["confirmed"] for row in rows) >= 9, table
-    assert min(row["rm_accuracy"] for row in rows if row["corpus"] != "cnn_dailymail") >= 0.9, table
-    cnn = sorted(row["rm_accuracy"] for row in rows if row["corpus"] == "cnn_dailymail")
-    assert cnn[0] >= 0.75 and cnn[1] >= 0.87, table
+    # The project's goal: 13 of 15 confirmed and every reward model at 0.9 or more. Measured on
+    # its 2-core CPU machine: 14 of 15, reward models at 0.91-1.00 (seeded runs repeat their digits).
+    assert sum(row["confirmed"] for row in rows) >= 13, table
+    assert min(row["rm_accuracy"] for row in rows) >= 0.9, table
     assert "Confirmed gains:" in root.child("report", "results.md").read_text()
 
 
