@@ -341,3 +341,40 @@ def generate_rows(
         results.append(RowOutput(sequences[index, :length].tolist(), stops.pieces[index], stops.reasons[index],
                                  logits))
     return results
+
+
+class PromptLogprobs(NamedTuple):
+    """A prompt's scores. Shapes: L prompt tokens, k alternatives; row t is for token t + 1
+    (the first token has no context to be scored in)."""
+
+    logprobs: torch.Tensor  # [L-1] each token's log-probability given the tokens before it
+    top_logprobs: torch.Tensor  # [L-1, k] the k likeliest tokens' log-probabilities at each position
+    top_ids: torch.Tensor  # [L-1, k] and their ids
+
+
+@torch.no_grad()
+def score_prompts(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    tops: Sequence[int],
+    pad_token_id: int,
+    device: torch.device,
+    rows_per_pass: int = 8,
+) -> list[PromptLogprobs]:
+    """The log-softmax of one forward pass over each prompt (`tops[i]` alternatives for prompt i),
+    `rows_per_pass` prompts at a time. Right padding: each real token sees only the real tokens
+    before it, at their own positions, as in a forward pass over that prompt alone."""
+    results = []
+    for start in range(0, len(prompts), rows_per_pass):
+        chunk = prompts[start : start + rows_per_pass]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([list(ids) + [pad_token_id] * (width - len(ids)) for ids in chunk])
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        for row, ids in enumerate(chunk):
+            logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
+            labels = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
+            top = logprobs.topk(tops[start + row], dim=-1)
+            results.append(PromptLogprobs(logprobs.gather(1, labels[:, None])[:, 0].cpu(), top.values.cpu(),
+                                          top.indices.cpu()))
+    return results
