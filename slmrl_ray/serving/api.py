@@ -33,8 +33,8 @@ _NO_OP = {"best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "
 
 
 class _Sampling(_Request):
-    max_tokens: int | None = Field(None, ge=1)  # unset: 16 for completions (as OpenAI), the cap for chat
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    max_tokens: int | None = Field(None, ge=0)  # unset: 16 for completions (as OpenAI), the cap for chat; 0 needs echo
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name; wins over max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -154,8 +154,20 @@ def validation_error(errors: list[dict]) -> JSONResponse:
 # ---------------------------------------------------------------- answers
 
 
+def _text_offsets(entries: list[dict], start: int) -> list[int]:
+    offsets = []
+    for e in entries:
+        offsets.append(start)
+        start += len(e["token"])
+    return offsets
+
+
 def logprobs_body(choice: dict, chat: bool, offset: int) -> dict | None:
-    """A generated choice's log-probabilities in OpenAI's shape, with each token's id (`token_id(s)`)."""
+    """A generated choice's log-probabilities in OpenAI's shape, with each token's id (`token_id(s)`).
+
+    Completions that echo a scored prompt list its tokens first (offsets from 0; the first token
+    has no logprob and no alternatives: null), then the completion's (offsets from `offset`).
+    """
     entries = choice["logprobs"]
     if entries is None:
         return None
@@ -165,13 +177,13 @@ def logprobs_body(choice: dict, chat: bool, offset: int) -> dict | None:
              "top_logprobs": [{"token": t["token"], "token_id": t["token_id"], "logprob": t["logprob"],
                                "bytes": list(t["token"].encode())} for t in e["top"]]}
             for e in entries]}
-    offsets, position = [], offset
-    for e in entries:
-        offsets.append(position)
-        position += len(e["token"])
+    prompt = choice.get("prompt_logprobs") or []
+    offsets = _text_offsets(prompt, 0) + _text_offsets(entries, offset)
+    entries = prompt + entries
     return {"tokens": [e["token"] for e in entries], "token_ids": [e["token_id"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                             for e in entries], "text_offset": offsets}
 
 
 def choice_body(index: int, choice: dict, chat: bool, echo: str = "") -> dict:

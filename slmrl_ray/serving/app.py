@@ -327,14 +327,16 @@ class Gateway:
         if top_logprobs is not None and body.stream:
             raise Failure(400, "logprobs: not supported with stream", "logprobs")
         echo = prompt if not chat and body.echo else ""
-        if echo and top_logprobs is not None:
-            raise Failure(400, "echo: not supported together with logprobs", "echo")
         asked, field = body.asked_tokens()
         max_tokens = self._max_tokens(asked, self.limits.max_tokens if chat else 16)
+        if max_tokens == 0 and not echo:
+            raise Failure(400, f"{field}: 0 generates nothing; it needs echo: true (completions), to score the "
+                               f"prompt", field)
         self._check_limits(max_tokens, body.n, field)
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                         stop=body.stops(), seed=body.seed, presence_penalty=body.presence_penalty,
-                        frequency_penalty=body.frequency_penalty, logprobs=top_logprobs)
+                        frequency_penalty=body.frequency_penalty, logprobs=top_logprobs,
+                        score_prompt=bool(echo) and top_logprobs is not None)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": model.model_id}
         if body.stream:

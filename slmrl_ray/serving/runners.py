@@ -3,7 +3,8 @@
 `PolicyRunner.complete_batch` runs `slmrl_ray.generation.generate_rows`: the same encoding
 as PPO rollouts and evaluation (left padding, masks, the first EOS ends a response), with
 each request's own settings per row, so greedy output served over HTTP is token for token
-what `generate` gives offline (a test checks it). `RewardRunner.score`
+what `generate` gives offline (a test checks it); a request that echoes its prompt with
+logprobs gets the prompt scored by one forward pass (`generation.score_prompts`). `RewardRunner.score`
 goes through `RewardScorer`, formatted exactly as the reward model was trained. The Ray
 Serve deployments (`slmrl_ray.serving.app`) and the naive single-process baseline of the
 serving benchmark both wrap these.
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 
 from slmrl_ray.device import resolve_device
-from slmrl_ray.generation import RowOutput, RowSettings, generate_rows
+from slmrl_ray.generation import PromptLogprobs, RowOutput, RowSettings, generate_rows, score_prompts
 from slmrl_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from slmrl_ray.scoring import RewardScorer
 from slmrl_ray.serving.config import ServedModel
@@ -75,6 +76,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k likeliest alternatives
+    score_prompt: bool = False  # with logprobs: the prompt's tokens scored too (echo); max_tokens may then be 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Choice:
     pieces: list[str]  # the text as it was streamed
     finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (cancelled)
     logprobs: list[dict] | None = None  # per token: token_id, token, logprob, top [{token_id, token, logprob}]
+    prompt_logprobs: list[dict] | None = None  # the same per prompt token; the first has logprob and top None
 
 
 @dataclass
@@ -140,11 +143,15 @@ class PolicyRunner:
 
         A seeded request's rows draw from a generator of its own, so its sample is the same
         alone or in any batch. A request's `on_piece(choice, text)` gets its text as it is
-        generated; setting its `cancel` event ends its rows at the next step.
+        generated; setting its `cancel` event ends its rows at the next step. A request with
+        `score_prompt` gets its prompt scored by one forward pass (`generation.score_prompts`,
+        batched with the others that ask); one with max_tokens 0 generates nothing.
         """
         rows, prompts, owners = [], [], []  # owners: per row, its request and the choices it makes
         for request in requests:
             sampling = request.sampling
+            if sampling.max_tokens == 0:
+                continue
             row = RowSettings(sampling.max_tokens, sampling.temperature, sampling.top_p,
                               presence_penalty=sampling.presence_penalty,
                               frequency_penalty=sampling.frequency_penalty, stop=sampling.stop,
@@ -168,12 +175,22 @@ class PolicyRunner:
             if self.on_tokens is not None:
                 self.on_tokens(active)
 
+        scored = [request for request in requests if request.sampling.score_prompt]
         with self._lock:
             outputs = generate_rows(self.model, self.tokenizer, prompts, rows, self.max_prompt_tokens, self.device,
-                                    on_piece, on_step)
+                                    on_piece, on_step) if rows else []
+            scores = score_prompts(self.model, [r.prompt_ids for r in scored], [r.sampling.logprobs for r in scored],
+                                   self.tokenizer.pad_token_id, self.device) if scored else []
+        nothing = RowOutput([], [], "length", [])  # max_tokens 0
         made: dict[int, list[Choice]] = {id(request): [] for request in requests}
+        for request in requests:
+            if request.sampling.max_tokens == 0:
+                made[id(request)] = [self._choice(nothing, request.sampling)] * request.sampling.n
         for output, (request, choices) in zip(outputs, owners):
             made[id(request)] += [self._choice(output, request.sampling)] * len(choices)
+        for request, score in zip(scored, scores):
+            entries = self._prompt_logprobs(request.prompt_ids, score)
+            made[id(request)] = [dataclasses.replace(c, prompt_logprobs=entries) for c in made[id(request)]]
         return [(made[id(request)], len(request.prompt_ids)) for request in requests]
 
     def _choice(self, output: RowOutput, sampling: Sampling) -> Choice:
@@ -182,6 +199,15 @@ class PolicyRunner:
             logprobs = [self._logprobs(token, logits, sampling.logprobs)
                         for token, logits in zip(output.token_ids, output.logits)]
         return Choice("".join(output.pieces), output.token_ids, output.pieces, output.finish_reason, logprobs)
+
+    def _prompt_logprobs(self, prompt_ids: list[int], score: PromptLogprobs) -> list[dict]:
+        first = {"token_id": prompt_ids[0], "token": self.tokenizer.decode([prompt_ids[0]]), "logprob": None,
+                 "top": None}
+        return [first] + [
+            {"token_id": token, "token": self.tokenizer.decode([token]), "logprob": float(logprob),
+             "top": [{"token_id": int(i), "token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+                     for v, i in zip(values, ids)]}
+            for token, logprob, values, ids in zip(prompt_ids[1:], score.logprobs, score.top_logprobs, score.top_ids)]
 
     def _logprobs(self, token: int, logits: torch.Tensor, top: int) -> dict:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
