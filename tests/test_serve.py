@@ -151,6 +151,34 @@ def test_logprobs_are_the_policys_own_log_probabilities(client, runs, chat):
             assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_with_the_policys_own_log_probabilities(client, runs):
+    """lm-eval-harness's call: the prompt's tokens scored by a forward pass over it, nothing generated."""
+    import torch
+
+    from slmrl_ray.models import load_causal_lm, load_tokenizer
+
+    config, paths = runs["pythia-70m/tinystories"]
+    tokenizer = load_tokenizer(paths.ppo / "model")
+    model = load_causal_lm(paths.ppo / "model", tokenizer).eval()
+    prompt = "Once upon a time, a little girl named Lily"
+    answer = client.completions.create(model="ppo/pythia-70m/tinystories", prompt=prompt, max_tokens=0,
+                                       echo=True, logprobs=2)
+    (choice,) = answer.choices
+    assert choice.text == prompt and choice.finish_reason == "length" and answer.usage.completion_tokens == 0
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    logprobs = choice.logprobs
+    assert logprobs.model_extra["token_ids"] == ids and answer.usage.prompt_tokens == len(ids)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        forward = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert logprobs.token_logprobs[1:] == pytest.approx(forward[torch.arange(len(ids) - 1), ids[1:]].tolist(),
+                                                        abs=1e-4)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):
+        best = forward[position].topk(2).values.tolist()
+        assert top and all(any(abs(v - b) < 1e-4 for b in best) for v in top.values())
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:k])) for k in range(len(ids))]
+
+
 @pytest.mark.parametrize("cell", ["pythia-70m/tinystories", "smollm2-135m/wikitext"])
 def test_greedy_serving_equals_offline_generation_token_for_token(client, runs, cell):
     from slmrl_ray.generation import SamplingSettings, decode_responses, generate
@@ -228,8 +256,9 @@ def test_stop_sequences_cut_the_text(client):
         ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
         ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "stream_options": {}},
          400, "stream_options"),
-        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "echo": True, "logprobs": 1},
-         400, "echo"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "ppo/pythia-70m/tinystories", "prompt": "hi", "echo": True, "logprobs": 1,
+                             "stream": True}, 400, "logprobs"),
         ("/v1/chat/completions", {"model": "sft/pythia-70m/tinystories", "messages": [{"role": "user", "content": "x"}],
                                   "top_logprobs": 2}, 400, "top_logprobs"),
         ("/v1/chat/completions", {"model": "sft/pythia-70m/tinystories", "messages": [{"role": "user", "content": "x"}],
