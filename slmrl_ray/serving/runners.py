@@ -67,7 +67,7 @@ def _stage_setting(model: ServedModel, section: str, key: str, default):
 class Sampling:
     """One request's sampling: a temperature below `generation.GREEDY_BELOW` (0, say) means greedy."""
 
-    max_tokens: int
+    max_tokens: int  # 0: nothing generated (echo: the prompt alone)
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
@@ -76,7 +76,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k likeliest alternatives
-    score_prompt: bool = False  # with logprobs: the prompt's tokens scored too (echo); max_tokens may then be 0
+    score_prompt: bool = False  # with logprobs: the prompt's tokens scored too (echo)
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,7 @@ class PolicyRunner:
         return Choice("".join(output.pieces), output.token_ids, output.pieces, output.finish_reason, logprobs)
 
     def _prompt_logprobs(self, prompt_ids: list[int], score: PromptLogprobs) -> list[dict]:
+        """The prompt's entries, shaped as `_logprobs`'; the first token has no context: None."""
         first = {"token_id": prompt_ids[0], "token": self.tokenizer.decode([prompt_ids[0]]), "logprob": None,
                  "top": None}
         return [first] + [
