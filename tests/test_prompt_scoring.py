@@ -145,6 +145,7 @@ def test_echo_with_logprobs_and_max_tokens_0_scores_the_prompt_in_openais_shape(
     ({"max_tokens": 0}, "max_tokens"),  # generates nothing, scores nothing
     ({"max_completion_tokens": 0, "logprobs": 1}, "max_completion_tokens"),
     ({"echo": True, "logprobs": 1, "stream": True}, "logprobs"),  # streamed prompt scores: not implemented
+    ({"echo": True, "max_tokens": 0, "stream": True}, "max_tokens"),  # nothing to stream
 ])
 def test_max_tokens_0_needs_echo_and_scoring_is_not_streamed(runner, fields, param):
     with pytest.raises(Failure) as raised:

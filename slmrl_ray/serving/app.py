@@ -332,6 +332,9 @@ class Gateway:
         if max_tokens == 0 and not echo:
             raise Failure(400, f"{field}: 0 generates nothing; it needs echo: true (completions), to score the "
                                f"prompt", field)
+        if max_tokens == 0 and body.stream:
+            raise Failure(400, f"{field}: 0 (echo the prompt, generate nothing) is not streamed; send it "
+                               f"without stream", field)
         self._check_limits(max_tokens, body.n, field)
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                         stop=body.stops(), seed=body.seed, presence_penalty=body.presence_penalty,
