@@ -282,6 +282,10 @@ class ArtifactStore:
         """The folder holding a committed stage's files; an `ArtifactError` when there is none."""
         return self._committed(model, corpus, stage, fingerprint)[0]
 
+    def committed_with_commit(self, model: str, corpus: str, stage: str, fingerprint: str) -> tuple[Storage, dict]:
+        """`committed`, and the commit itself (its `files`: what the folder must hold)."""
+        return self._committed(model, corpus, stage, fingerprint)
+
     def _committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> tuple[Storage, dict]:
         place = self.location(model, corpus, stage, fingerprint)
         commit = self._commit(place, fingerprint)

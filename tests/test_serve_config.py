@@ -115,6 +115,23 @@ def test_a_moved_experiment_still_serves_from_its_registry_and_never_leaves_it(t
             build_catalog(parse_args({"registry": str(moved)}))
 
 
+def test_a_replica_loads_only_the_weights_its_stage_committed(tmp_path):
+    from slmrl_ray.serving.runners import local_folder
+    from slmrl_ray.storage import ArtifactError
+
+    root = write_experiment(tmp_path)
+    catalog = build_catalog(parse_args({"registry": str(root)}))
+    ppo = catalog["ppo/pythia-70m/tinystories"]
+    assert ppo.files is not None and set(ppo.files) == {"model.safetensors"}
+    assert local_folder(ppo.uri, ppo.files) == Path(ppo.uri)
+    (Path(ppo.uri) / "model.safetensors").write_bytes(b"weightz")  # same size, other bytes
+    with pytest.raises(ArtifactError, match="model.safetensors does not match its commit"):
+        local_folder(ppo.uri, ppo.files)
+    (Path(ppo.uri) / "model.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        local_folder(ppo.uri, ppo.files)
+
+
 def test_serve_command_reads_a_serve_config_or_a_registry(tmp_path):
     args, http = read_source(str(SERVE_CONFIGS[[p.stem for p in SERVE_CONFIGS].index("tiny")]))
     assert http == {"host": "127.0.0.1", "port": 8000} and args["stages"] == ["sft", "ppo"]

@@ -109,6 +109,9 @@ class ServedModel:
     fingerprint: str  # the artifact's hash: which configs produced it
     created: int = 0  # when its weights were written (unix seconds; 0 when the store does not say)
     max_model_len: int | None = None  # the model's context length (its config.json), when it says
+    # The weights folder's files as its stage's commit lists them (relative path -> size and
+    # sha256): a replica checks what it loads against them. None: not from a commit (`artifacts`).
+    files: dict[str, dict] | None = None
 
     @property
     def provenance(self) -> dict:
@@ -122,9 +125,10 @@ def parse_args(args: dict) -> ServeArgs:
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "seq_length")
 
 
-def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedModel:
+def _model(stage: str, cell: str, stage_uri: str, fingerprint: str, commit: dict | None = None) -> ServedModel:
     """The served model of a stage folder, with its weights' time and context length (OpenAI's
-    `created`, vLLM's `max_model_len`) read from its `model/config.json`."""
+    `created`, vLLM's `max_model_len`) read from its `model/config.json`, and, from a commit,
+    the digests its weights must match."""
     from slmrl_ray.storage import Storage, join_uri
 
     weights = join_uri(stage_uri, "model")
@@ -135,7 +139,9 @@ def _model(stage: str, cell: str, stage_uri: str, fingerprint: str) -> ServedMod
         created = int(info.mtime.timestamp()) if info.mtime is not None else 0
         settings = config.read_json()
         context = next((settings[k] for k in _CONTEXT_KEYS if isinstance(settings.get(k), int)), None)
-    return ServedModel(f"{stage}/{cell}", stage, cell, weights, stage_uri, fingerprint, created, context)
+    files = None if commit is None else {name[len("model/"):]: digest for name, digest in commit["files"].items()
+                                         if name.startswith("model/")}
+    return ServedModel(f"{stage}/{cell}", stage, cell, weights, stage_uri, fingerprint, created, context, files)
 
 
 def _registry(uri: str):
@@ -181,10 +187,10 @@ def build_catalog(args: ServeArgs) -> dict[str, ServedModel]:
             for stage in (*args.stages, "reward"):
                 fingerprint = entry[stage]["fingerprint"]
                 try:
-                    stage_uri = store.committed(entry["model"], entry["corpus"], stage, fingerprint).uri
+                    place, commit = store.committed_with_commit(entry["model"], entry["corpus"], stage, fingerprint)
                 except ArtifactError as error:
                     raise ConfigError(f"registry: {cell} {stage}: {error}") from None
-                catalog[f"{stage}/{cell}"] = _model(stage, cell, stage_uri, fingerprint)
+                catalog[f"{stage}/{cell}"] = _model(stage, cell, place.uri, fingerprint, commit)
     else:
         for item in args.artifacts:
             if args.cells and item.cell not in args.cells:

@@ -41,17 +41,30 @@ class RequestError(ValueError):
         self.param = param
 
 
-def local_folder(uri: str) -> Path:
-    """A local folder holding the artifact at `uri` (downloaded once when remote)."""
-    from slmrl_ray.storage import Storage
+def local_folder(uri: str, files: dict[str, dict] | None = None) -> Path:
+    """A local folder holding the artifact at `uri` (downloaded once when remote), checked file
+    by file against `files` (its commit's sizes and sha256) when given: a replica never loads
+    weights that differ from what its stage committed (`storage.ArtifactError` otherwise)."""
+    from slmrl_ray.storage import ArtifactError, Storage, verify
 
     place = Storage.from_uri(uri)
     if place.is_local:
-        return Path(place.path)
+        folder = Path(place.path)
+        if files is not None:
+            verify(folder, {"files": files}, uri)
+        return folder
     root = Path(os.environ.get("SLMRL_RAY_SERVE_CACHE") or Path(tempfile.gettempdir()) / "slmrl-ray-serve")
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    if (target / "config.json").exists() and files is not None:
+        try:
+            verify(target, {"files": files}, uri)
+            return target
+        except ArtifactError:
+            shutil.rmtree(target)  # a cached copy cut short or changed: download it again
     if not (target / "config.json").exists():
         place.download(target)
+    if files is not None:
+        verify(target, {"files": files}, uri)
     return target
 
 
@@ -104,7 +117,7 @@ class PolicyRunner:
     """One loaded policy. Calls are serialised: one model, one forward pass at a time."""
 
     def __init__(self, model: ServedModel, device: str = "auto", max_prompt_tokens: int = 512) -> None:
-        folder = local_folder(model.uri)
+        folder = local_folder(model.uri, model.files)
         self.served = model
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(folder)
@@ -222,7 +235,7 @@ class RewardRunner:
     """One loaded reward model, scoring (prompt, response) pairs in batches."""
 
     def __init__(self, model: ServedModel, device: str = "auto", batch_size: int = 16) -> None:
-        folder = local_folder(model.uri)
+        folder = local_folder(model.uri, model.files)
         self.served = model
         device_ = resolve_device(device)
         tokenizer = load_tokenizer(folder)
