@@ -60,7 +60,9 @@ def test_grid_defaults_to_all_fifteen_cells_in_the_study_order():
     assert experiment.cells[0] == "pythia-70m/tinystories"
     # The tune config's overrides reach every cell's pipeline config.
     assert experiment.cell_config("smollm2-360m/wikitext").judge.source == "split"
-    assert experiment.cell_config("smollm2-360m/cnn_dailymail").reward.max_steps == 300  # its corpus_overrides
+    assert experiment.cell_config("pythia-70m/cnn_dailymail").reward.max_steps == 300  # its corpus_overrides
+    reward = experiment.cell_config("smollm2-360m/cnn_dailymail").reward  # its cell_overrides, applied last
+    assert (reward.max_steps, reward.learning_rate) == (450, 1e-3)
 
 
 def test_sampled_values_become_pipeline_overrides(tmp_path):
