@@ -280,13 +280,10 @@ class ArtifactStore:
 
     def committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> Storage:
         """The folder holding a committed stage's files; an `ArtifactError` when there is none."""
-        return self._committed(model, corpus, stage, fingerprint)[0]
+        return self.committed_with_commit(model, corpus, stage, fingerprint)[0]
 
     def committed_with_commit(self, model: str, corpus: str, stage: str, fingerprint: str) -> tuple[Storage, dict]:
         """`committed`, and the commit itself (its `files`: what the folder must hold)."""
-        return self._committed(model, corpus, stage, fingerprint)
-
-    def _committed(self, model: str, corpus: str, stage: str, fingerprint: str) -> tuple[Storage, dict]:
         place = self.location(model, corpus, stage, fingerprint)
         commit = self._commit(place, fingerprint)
         if commit is None:
@@ -305,7 +302,7 @@ class ArtifactStore:
 
     def fetch_folder(self, local: Path, model: str, corpus: str, stage: str, fingerprint: str) -> None:
         """Download a committed stage into `local`, checked against its commit file by file."""
-        source, commit = self._committed(model, corpus, stage, fingerprint)
+        source, commit = self.committed_with_commit(model, corpus, stage, fingerprint)
         source.download(local)
         verify(local, commit, source.uri)
 

@@ -50,22 +50,20 @@ def local_folder(uri: str, files: dict[str, dict] | None = None) -> Path:
     place = Storage.from_uri(uri)
     if place.is_local:
         folder = Path(place.path)
-        if files is not None:
-            verify(folder, {"files": files}, uri)
-        return folder
-    root = Path(os.environ.get("SLMRL_RAY_SERVE_CACHE") or Path(tempfile.gettempdir()) / "slmrl-ray-serve")
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:20]
-    if (target / "config.json").exists() and files is not None:
-        try:
-            verify(target, {"files": files}, uri)
-            return target
-        except ArtifactError:
-            shutil.rmtree(target)  # a cached copy cut short or changed: download it again
-    if not (target / "config.json").exists():
-        place.download(target)
+    else:
+        root = Path(os.environ.get("SLMRL_RAY_SERVE_CACHE") or Path(tempfile.gettempdir()) / "slmrl-ray-serve")
+        folder = root / hashlib.sha256(uri.encode()).hexdigest()[:20]
+        if (folder / "config.json").exists() and files is not None:
+            try:
+                verify(folder, {"files": files}, uri)
+                return folder
+            except ArtifactError:
+                shutil.rmtree(folder)  # a cached copy cut short or changed: download it again
+        if not (folder / "config.json").exists():
+            place.download(folder)
     if files is not None:
-        verify(target, {"files": files}, uri)
-    return target
+        verify(folder, {"files": files}, uri)
+    return folder
 
 
 def _stage_setting(model: ServedModel, section: str, key: str, default):
