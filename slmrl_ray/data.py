@@ -6,6 +6,13 @@ Pipeline order (each step deterministic by seed):
 SFT trains on `sft_text` of the training documents; the reward model on the training pairs;
 PPO samples `ppo_prompts` of the training pairs; evaluation uses only held-out documents.
 
+No prompt crosses the train/held-out line. Openings repeat across documents (TinyStories'
+"Once upon a time, there was a little girl named Lily." opens many stories), so a split by
+document would put the same prompt into PPO training and evaluation. Both splits therefore
+hold out whole prompt groups: `split_documents` groups documents by `document_prompt` (the
+prompt the document's preference pair and evaluation example have), `split_pairs` groups pairs
+by their prompt; `eval_examples` keeps one example per prompt, so no evaluation prompt repeats.
+
 The prompt format. Every text a reward model sees, in training and when scoring, is built by
 `reward_text(prompt, response)` = prompt + "\\n\\n" + response. The study used three different
 CNN/DailyMail formats (SFT "Article: ...\\n\\nSummary: ...", reward/PPO "Summarize: " + article);
@@ -18,8 +25,9 @@ Other departures from the study, each small:
   * Sampling walks the records in a seeded random order and keeps the first `num_documents`
     that pass the filters. That is a uniform sample of the filtered corpus, as in the study,
     without materialising a 2-million-row hub corpus in Python first.
-  * Exact duplicate documents (and pairs) are dropped before splitting, so a duplicate cannot
-    sit on both sides of the train/held-out line.
+  * Exact duplicate documents (and pairs) are dropped before splitting, and documents (pairs)
+    sharing a prompt are held out together, so neither can sit on both sides of the line. The
+    study split documents at random.
   * TinyStories pairs end every sentence list with one ".": a plain ". ".join of shuffled
     sentences leaves "..", a typo the reward model could learn instead of story order.
 
@@ -32,10 +40,12 @@ import dataclasses
 import json
 import math
 import random
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from slmrl_ray.corpora import generate_rows
 
@@ -244,39 +254,84 @@ def _parquet_rows(path: Path) -> list[dict[str, Any]]:
 T = TypeVar("T")
 
 
-def _split(items: Sequence[T], seed: int, fraction: float, max_heldout: int) -> tuple[list[T], list[T]]:
-    unique = list(dict.fromkeys(items))  # a duplicate must not land on both sides
-    if len(unique) < 2:
-        raise ValueError(f"need at least 2 distinct items to split, got {len(unique)}")
-    size = max(1, min(max_heldout, int(len(unique) * fraction)))
-    order = list(range(len(unique)))
+def document_prompt(corpus: str, doc: Document) -> str:
+    """The prompt of `doc`'s preference pair and of its pair-format evaluation example.
+
+    The first sentence of a story or paragraph (`split_first_sentence`), `cnn_prompt(article)`
+    for CNN/DailyMail. The split key: documents with the same prompt stay on one side.
+    """
+    return prompt_and_continuation(corpus, doc)[0]
+
+
+def prompt_and_continuation(corpus: str, doc: Document) -> tuple[str, str]:
+    """A document's prompt (`document_prompt`) and its real continuation (CNN: its highlights)."""
+    corpus_spec(corpus)
+    if corpus == "cnn_dailymail":
+        return cnn_prompt(doc.text), doc.summary or ""
+    return split_first_sentence(doc.text)
+
+
+def _split_groups(
+    unique: Sequence[T], key: Callable[[T], str], seed: int, size: int
+) -> tuple[list[T], list[T]]:
+    """(train, held-out): `size` whole key groups held out, chosen by a seeded shuffle.
+
+    At least one group stays in training. Both sides keep the input order, so "the first n
+    held-out" is stable.
+    """
+    keys = [key(x) for x in unique]
+    groups = list(dict.fromkeys(keys))
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 distinct prompts to split, got {len(groups)}")
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    heldout = set(order[:size])
-    # Both sides keep the input order, so "the first n held-out" is stable.
-    train = [x for i, x in enumerate(unique) if i not in heldout]
-    return train, [x for i, x in enumerate(unique) if i in heldout]
+    heldout = {groups[i] for i in order[: min(size, len(groups) - 1)]}
+    train = [x for x, k in zip(unique, keys) if k not in heldout]
+    return train, [x for x, k in zip(unique, keys) if k in heldout]
 
 
 def split_documents(
-    docs: Sequence[Document], seed: int, heldout_fraction: float = 0.05, max_heldout: int = 500
+    corpus: str, docs: Sequence[Document], seed: int, heldout_fraction: float = 0.05, max_heldout: int = 500
 ) -> tuple[list[Document], list[Document]]:
-    """(train, held-out): max(1, min(max_heldout, int(n * fraction))) held out, by seed."""
-    return _split(docs, seed, heldout_fraction, max_heldout)
+    """(train, held-out) documents, no prompt on both sides.
+
+    Exact duplicates are dropped first; then max(1, min(max_heldout, int(n * fraction))) prompt
+    groups (n: distinct documents) are held out whole, by seed, so evaluation gets that many
+    distinct prompts and every document sharing a held-out prompt is held out with it.
+    """
+    unique = list(dict.fromkeys(docs))
+    size = max(1, min(max_heldout, int(len(unique) * heldout_fraction)))
+    return _split_groups(unique, lambda doc: document_prompt(corpus, doc), seed, size)
 
 
 def split_pairs(
     pairs: Sequence[PreferencePair], seed: int, heldout_fraction: float = 0.05, max_heldout: int = 300
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, held-out) preference pairs, as `split_documents`; held-out pairs measure RM accuracy."""
-    return _split(pairs, seed, heldout_fraction, max_heldout)
+    """(train, held-out) preference pairs, no prompt on both sides; held-out pairs measure RM accuracy.
+
+    Exact duplicates are dropped first; then max(1, min(max_heldout, int(n * fraction))) prompts
+    (n: distinct prompts) are held out with all their pairs, by seed, so a reward model is
+    measured on prompts it never trained on.
+    """
+    unique = list(dict.fromkeys(pairs))
+    prompts = {pair.prompt for pair in unique}
+    size = max(1, min(max_heldout, int(len(prompts) * heldout_fraction)))
+    return _split_groups(unique, lambda pair: pair.prompt, seed, size)
 
 
 # ----------------------------------------------------------------------------- pairs
 
 def split_first_sentence(text: str) -> tuple[str, str]:
-    """(first sentence with its full stop, the rest): the prompt of a story's or paragraph's pair."""
-    first, _, rest = text.partition(". ")
-    return first.rstrip(".") + ".", rest.strip()
+    """(first sentence with its full stop, the rest): the prompt of a story's or paragraph's pair.
+
+    The sentence is cut as `_story_pair` cuts it (stripped, empty ones skipped), so a story's
+    pair, its evaluation example and its split key (`document_prompt`) share one prompt.
+    """
+    first, rest = "", text
+    while not first and rest:
+        head, _, rest = rest.partition(". ")
+        first = head.strip().rstrip(".")
+    return first + ".", rest.strip()
 
 
 def _join_sentences(sentences: Sequence[str]) -> str:
@@ -363,7 +418,7 @@ def degenerate_pairs(pairs: Sequence[PreferencePair], fraction: float, seed: int
     the train/held-out line. Departure from the study, on purpose.
     """
     rng = random.Random(seed)
-    picked = [pair for pair in pairs if pair.kind == "study" and rng.random() < fraction]
+    picked = [pair for pair in pairs if pair.kind not in DEGENERATE_KINDS and rng.random() < fraction]
     extra = []
     for index, pair in enumerate(picked):
         kind = DEGENERATE_KINDS[index % len(DEGENERATE_KINDS)]
@@ -381,6 +436,61 @@ def degenerate_pairs(pairs: Sequence[PreferencePair], fraction: float, seed: int
     return extra
 
 
+JUDGE_PAIR_KINDS = ("other", "reordered", "cut")
+
+
+def _reordered(corpus: str, text: str, rng: random.Random) -> str:
+    # The same words in a wrong order, at full length (no length cue): the sentences (CNN: the
+    # highlight lines) reversed; a single sentence has its adjacent words swapped pairwise.
+    separator = "\n" if corpus == "cnn_dailymail" else ". "
+    parts = [p.strip().rstrip(".") for p in text.split(separator) if p.strip()]
+    if len(parts) >= 2:
+        return _join_sentences(parts[::-1]) if separator == ". " else "\n".join(parts[::-1])
+    words = text.split()
+    start = rng.randrange(2)
+    for k in range(start, len(words) - 1, 2):
+        words[k], words[k + 1] = words[k + 1], words[k]
+    return " ".join(words)
+
+
+def build_judge_pairs(corpus: str, docs: Sequence[Document], seed: int) -> list[PreferencePair]:
+    """Preference pairs for an independent judge, built differently from the study's.
+
+    The chosen answer is always the document's real continuation (CNN: its highlights), the
+    prompt the one its study pair has (so the judge scores the questions PPO asks); the
+    rejected answer takes turns, by document: `other`, another document's continuation (on
+    topic for nothing in the prompt; CNN: its own highlights with one line another article's);
+    `reordered`, the same continuation at full length in a wrong order; `cut`, the
+    continuation stopped at 30-70 % of its words, mid-sentence. The study's recipes reject shuffled halves (stories), dropped words (encyclopedia) and another
+    article's highlights (news): a judge taught other contrasts does not share the reward
+    model's blind spots. Departure from the study (it has no judge). `docs`: training documents.
+    """
+    corpus_spec(corpus)
+    rng = random.Random(seed)
+    continued = [prompt_and_continuation(corpus, doc) for doc in docs]
+    pairs = []
+    for i, (prompt, chosen) in enumerate(continued):
+        kind = JUDGE_PAIR_KINDS[(i + seed) % len(JUDGE_PAIR_KINDS)]
+        if kind == "other" and len(continued) > 1:
+            other = rng.randrange(len(continued) - 1)
+            rejected = continued[other + (other >= i)][1]
+            lines = chosen.split("\n")
+            if corpus == "cnn_dailymail" and len(lines) > 1:
+                # Another article's highlights are the study's own contrast: swap in one of
+                # their lines instead, so half the facts are right and one is not.
+                lines[rng.randrange(len(lines))] = rng.choice(rejected.split("\n"))
+                rejected = "\n".join(lines)
+        elif kind == "reordered":
+            rejected = _reordered(corpus, chosen, rng)
+        else:  # cut at a word boundary, the text's own spacing (CNN's line breaks) kept
+            breaks = [m.start() for m in re.finditer(r"\s+", chosen)]
+            rejected = chosen[: breaks[round((len(breaks) - 1) * rng.uniform(0.3, 0.7))]] if breaks else ""
+        pair = PreferencePair(prompt, chosen, rejected, kind=f"judge_{kind}")
+        if keep_pair(pair):
+            pairs.append(pair)
+    return pairs
+
+
 def ppo_prompts(pairs: Iterable[PreferencePair]) -> list[str]:
     """The distinct prompts of the (training) pairs, in order."""
     return list(dict.fromkeys(pair.prompt for pair in pairs))
@@ -392,24 +502,34 @@ def eval_examples(
     corpus: str, heldout_docs: Sequence[Document], num_prompts: int = 200, prompt_chars: int = 200,
     prompt_format: str = "pair",
 ) -> list[EvalExample]:
-    """Prompts and references from the first `num_prompts` held-out documents.
+    """Up to `num_prompts` prompts and references, one per distinct prompt of the held-out documents.
 
-    `prompt_format="pair"`: the prompt a preference pair of the document would have (the
-    first sentence of a story or paragraph; `cnn_prompt(article)`), the rest as reference,
-    so evaluation asks the question PPO trained on and the reward model learned to judge.
-    `"prefix"`: the study's prompts, the first `prompt_chars` characters (cut mid-word as
-    often as not) and the rest; CNN/DailyMail is `cnn_prompt` and its highlights either way.
+    `prompt_format="pair"`: the prompt a preference pair of the document would have
+    (`document_prompt`: the first sentence of a story or paragraph; `cnn_prompt(article)`), the
+    rest as reference, so evaluation asks the question PPO trained on and the reward model
+    learned to judge. `"prefix"`: the study's prompts, the first `prompt_chars` characters (cut
+    mid-word as often as not) and the rest; CNN/DailyMail is `cnn_prompt` and its highlights
+    either way. Documents sharing a `document_prompt` give one example (the first with a
+    reference, in held-out order), so no prompt repeats and, with `split_documents`, none opens
+    a training document either.
     """
     corpus_spec(corpus)
-    examples = []
-    for doc in heldout_docs[:num_prompts]:
+    examples: list[EvalExample] = []
+    seen_groups: set[str] = set()
+    seen_prompts: set[str] = set()
+    for doc in heldout_docs:
+        if len(examples) == num_prompts:
+            break
+        group = document_prompt(corpus, doc)
         if corpus == "cnn_dailymail":
-            prompt, reference = cnn_prompt(doc.text), doc.summary or ""
+            prompt, reference = group, doc.summary or ""
         elif prompt_format == "pair":
-            prompt, reference = split_first_sentence(doc.text)
+            prompt, reference = group, split_first_sentence(doc.text)[1]
         else:
             prompt, reference = doc.text[:prompt_chars], doc.text[prompt_chars:]
-        if reference.strip():
+        if reference.strip() and group not in seen_groups and prompt not in seen_prompts:
+            seen_groups.add(group)
+            seen_prompts.add(prompt)
             examples.append(EvalExample(prompt=prompt, reference=reference))
     return examples
 

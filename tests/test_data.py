@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import sys
 import types
@@ -11,8 +12,8 @@ import types
 import pytest
 
 from slmrl_ray import data
-from slmrl_ray.data import generate_documents
-from slmrl_ray.data import Document, EvalExample, PreferencePair
+from slmrl_ray.config import load_config
+from slmrl_ray.data import Document, EvalExample, PreferencePair, generate_documents
 
 CORPORA = ("tinystories", "cnn_dailymail", "wikitext")
 
@@ -183,18 +184,23 @@ def test_hub_source_uses_the_study_ids(monkeypatch):
 # ----------------------------------------------------------------------------- splits
 
 def test_split_documents_sizes_and_disjointness():
+    # Sizes count prompt groups (5 % of the distinct documents): generated openings repeat, so
+    # the 100 held-out prompts bring more than 100 documents along.
     docs = generate_documents("tinystories", 2000, seed=3)
-    train, heldout = data.split_documents(docs, seed=42)
-    assert len(heldout) == 100 and len(train) == 1900
-    assert not set(train) & set(heldout)
-    assert (train, heldout) == data.split_documents(docs, seed=42)
-    assert heldout != data.split_documents(docs, seed=43)[1]
+    train, heldout = data.split_documents("tinystories", docs, seed=42)
+    prompts = lambda split: {data.document_prompt("tinystories", d) for d in split}
+    assert len(prompts(heldout)) == 100 and len(train) + len(heldout) == 2000
+    assert not set(train) & set(heldout) and not prompts(train) & prompts(heldout)
+    assert (train, heldout) == data.split_documents("tinystories", docs, seed=42)
+    assert heldout != data.split_documents("tinystories", docs, seed=43)[1]
     big = [Document(f"doc {i}") for i in range(20_000)]
-    assert len(data.split_documents(big, seed=0)[1]) == 500  # 5 % capped at 500
-    assert len(data.split_documents(big[:10], seed=0)[1]) == 1  # at least one
+    assert len(data.split_documents("tinystories", big, seed=0)[1]) == 500  # 5 % capped at 500
+    assert len(data.split_documents("tinystories", big[:10], seed=0)[1]) == 1  # at least one
     dup = [Document("same")] * 5 + [Document("other")]
-    train, heldout = data.split_documents(dup, seed=0)
+    train, heldout = data.split_documents("tinystories", dup, seed=0)
     assert not set(train) & set(heldout) and len(train) + len(heldout) == 2
+    with pytest.raises(ValueError, match="2 distinct prompts"):
+        data.split_documents("tinystories", [Document("Same start. One."), Document("Same start. Two.")], 0)
 
 
 def test_split_pairs_caps_at_300():
@@ -203,22 +209,56 @@ def test_split_pairs_caps_at_300():
     assert len(heldout) == 300 and len(train) == 9700 and not set(train) & set(heldout)
 
 
+def test_split_pairs_holds_out_whole_prompts():
+    # 400 prompts with 1-4 pairs each: 5 % of the prompts (20) held out, each with all its pairs.
+    pairs = [PreferencePair(f"p{i}", f"chosen {i} {k}" * 3, "r" * 20) for i in range(400) for k in range(1 + i % 4)]
+    train, heldout = data.split_pairs(pairs, seed=0)
+    held_prompts = {p.prompt for p in heldout}
+    assert len(held_prompts) == 20 and not held_prompts & {p.prompt for p in train}
+    assert len(train) + len(heldout) == len(pairs)
+    assert heldout == [p for p in pairs if p.prompt in held_prompts]  # input order kept
+
+
+def test_local_corpus_with_repeated_openings_splits_by_opening(tmp_path):
+    # A local file goes through the same load_documents -> split_documents path as generated data.
+    openings = {"Once upon a time, there was a little girl named Lily.": 8, "Tom had a big red truck.": 5,
+                "The sun was hot that day.": 3}
+    rows = [{"text": f"{opening} She went to place {k}. It was fun there. Then she went home again."}
+            for opening, count in openings.items() for k in range(count)]
+    rows += [{"text": f"Story {i} starts here. Something happened next. Everyone smiled at the end."}
+             for i in range(24)]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    docs = data.load_documents("tinystories", "local", str(path), 100, seed=0)
+    assert len(docs) == len(rows)
+    held_sizes = set()
+    for seed in range(12):
+        heldout = data.split_documents("tinystories", docs, seed, heldout_fraction=0.2)[1]
+        for opening, count in openings.items():
+            held = sum(d.text.startswith(opening) for d in heldout)
+            assert held in (0, count), (seed, opening, held)  # all on one side
+            held_sizes.add((opening, held))
+        assert len({data.document_prompt("tinystories", d) for d in heldout}) == 8  # int(40 * 0.2) openings
+    assert all((opening, count) in held_sizes for opening, count in openings.items())  # each held out once
+
+
 @pytest.mark.parametrize("corpus", CORPORA)
 def test_no_heldout_text_reaches_pairs(corpus):
     docs = data.load_documents(corpus, "generated", None, 400, seed=42)
-    train, heldout = data.split_documents(docs, seed=42)
+    train, heldout = data.split_documents(corpus, docs, seed=42)
     pairs = data.build_preference_pairs(corpus, train, seed=42)
     examples = data.eval_examples(corpus, heldout)
-    assert len(pairs) > 0.9 * len(train) and len(examples) == len(heldout)
+    heldout_prompts = {data.document_prompt(corpus, d) for d in heldout}
+    assert len(pairs) > 0.9 * len(train) and len(examples) == len(heldout_prompts) == 20  # one per prompt
     pair_texts = {p.prompt for p in pairs} | {p.chosen for p in pairs} | {p.rejected for p in pairs}
     for ex in examples:
-        # A held-out first sentence may also open a training document (generated openings repeat,
-        # as TinyStories' "Once upon a time, ..." do); its continuation never reaches a pair.
-        assert ex.reference not in pair_texts
+        # Generated openings repeat (as TinyStories' "Once upon a time, ..." do), but a held-out
+        # opening is held out with every document it opens: neither it nor its rest reaches a pair.
+        assert ex.prompt not in pair_texts and ex.reference not in pair_texts
     for ex in data.eval_examples(corpus, heldout, prompt_format="prefix"):
         assert ex.prompt not in pair_texts and ex.reference not in pair_texts
     # No pair is a held-out document cut into prompt and continuation (letters compared only).
-    letters = lambda text: re.sub(r"[\W_]+", "", text)  # noqa: E731
+    letters = lambda text: re.sub(r"[\W_]+", "", text)
     pair_docs = {letters(p.prompt + p.chosen) for p in pairs}
     assert not {letters(d.text) for d in heldout} & pair_docs
     assert {letters(d.text) for d in train[:50]} <= pair_docs or corpus == "cnn_dailymail"
@@ -226,11 +266,79 @@ def test_no_heldout_text_reaches_pairs(corpus):
     marked = [Document(f"Marker{i} went to the park. It was a nice day. The sun was warm. "
                        f"Everyone had fun today.", f"Marker{i} summary is long enough")
               for i in range(200)]
-    train, heldout = data.split_documents(marked, seed=1)
+    train, heldout = data.split_documents(corpus, marked, seed=1)
     texts = " ".join(p.prompt + p.chosen + p.rejected
                      for p in data.build_preference_pairs(corpus, train, seed=1))
     for doc in heldout:
         assert re.search(doc.text.split()[0] + r"\b", texts) is None
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_document_prompt_is_the_pair_and_eval_prompt(corpus):
+    """The split key is the prompt the document's pair and pair-format evaluation example get."""
+    docs = generate_documents(corpus, 300, seed=11)
+    if corpus == "tinystories":  # odd spacing and stray full stops, as real stories have
+        docs += [Document("Lily ran . She fell. Then she got up."), Document(". Tom sang. He was loud. Mom smiled.")]
+    build = data.PAIR_BUILDERS[corpus]
+    built = 0
+    for i, doc in enumerate(docs):
+        prompt = data.document_prompt(corpus, doc)
+        pair = build(docs, i, random.Random(i))
+        if pair is not None:
+            assert pair.prompt == prompt, doc
+            built += 1
+        (example,) = data.eval_examples(corpus, [doc])
+        assert example.prompt == prompt
+    assert built >= 0.9 * len(docs)
+
+
+def _data_stage(corpus: str, tmp_path) -> tuple[dict, dict]:
+    """The shipped tiny preset's data stage for `corpus`, run into tmp_path: (metrics, written records)."""
+    from slmrl_ray.artifacts import RunPaths
+    from slmrl_ray.stages.prepare import run_data
+
+    config = load_config(preset="tiny", overrides=[f"corpus={corpus}", f"output_dir={tmp_path}"])
+    paths = RunPaths.for_config(config)
+    metrics = run_data(config, paths)
+    written = {name: data.load_jsonl(paths.data / f"{name}.jsonl", cls) for name, cls in (
+        ("train", Document), ("heldout", Document), ("pairs_train", PreferencePair),
+        ("pairs_heldout", PreferencePair), ("eval", EvalExample))}
+    return metrics, {"config": config, **written}
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_data_stage_keeps_every_prompt_on_one_side(corpus, tmp_path):
+    """Generated openings repeat across documents; no evaluation or held-out pair prompt may be a
+    prompt the reward model or PPO trained on, and no evaluation prompt may repeat."""
+    metrics, written = _data_stage(corpus, tmp_path)
+    trained = {pair.prompt for pair in written["pairs_train"]}
+    eval_prompts = [example.prompt for example in written["eval"]]
+    assert not [prompt for prompt in eval_prompts if prompt in trained]
+    assert not [pair.prompt for pair in written["pairs_heldout"] if pair.prompt in trained]
+    assert len(set(eval_prompts)) == len(eval_prompts)
+    heldout_prompts = {data.document_prompt(corpus, doc) for doc in written["heldout"]}
+    assert not heldout_prompts & {data.document_prompt(corpus, doc) for doc in written["train"]}
+    num_prompts = written["config"].eval.num_prompts
+    assert len(eval_prompts) >= 0.95 * min(num_prompts, len(heldout_prompts))
+    # The stage's own counts say the same.
+    assert metrics["heldout_prompts"] == len(heldout_prompts) and metrics["eval_examples"] == len(eval_prompts)
+    assert metrics["eval_prompts_in_training"] == metrics["heldout_pair_prompts_in_training"] == 0
+    assert metrics["heldout_document_prompts_in_training"] == 0
+    assert metrics["duplicate_documents"] + len(written["train"]) + len(written["heldout"]) == metrics["documents"]
+    if corpus != "cnn_dailymail":  # the case this guards: openings shared by many documents
+        assert metrics["documents_sharing_a_prompt"] > 100
+
+
+def test_data_stage_refuses_to_write_a_leaking_split(tmp_path, monkeypatch):
+    from slmrl_ray.stages import prepare
+
+    def leaky_split(pairs, seed, fraction, max_heldout):  # the old per-pair split's failure
+        return list(pairs), [pairs[0]]
+
+    monkeypatch.setattr(prepare, "split_pairs", leaky_split)
+    with pytest.raises(RuntimeError, match="heldout_pair_prompts_in_training"):
+        _data_stage("wikitext", tmp_path)
+    assert not list(tmp_path.rglob("*.jsonl"))
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -314,8 +422,21 @@ def test_eval_examples_in_the_study_prefix_format():
     assert examples == [EvalExample("s" * 150, "t" * 100)]  # empty reference skipped
     news = data.eval_examples("cnn_dailymail", ARTICLES, num_prompts=2, prompt_format="prefix")
     assert news == [EvalExample(data.cnn_prompt(d.text), d.summary) for d in ARTICLES[:2]]
-    many = [Document("x" * 300)] * 10
+    many = [Document(f"Paragraph {i}. " + "x" * 300) for i in range(10)]
     assert len(data.eval_examples("wikitext", many, num_prompts=4, prompt_format="prefix")) == 4
+    # One example per opening sentence: a repeated one would be a repeated question.
+    same_opening = [Document("Same opening. " + c * 300) for c in "xyz"]
+    assert data.eval_examples("wikitext", same_opening, prompt_format="prefix") == [
+        EvalExample(same_opening[0].text[:200], same_opening[0].text[200:])]
+
+
+def test_eval_examples_keep_one_example_per_prompt():
+    docs = [Document("Lily had a red ball."),  # no reference: the group's next document gives it
+            Document("Lily had a red ball. She lost it."), Document("Tom ran. He fell."),
+            Document("Lily had a red ball. She kept it."), Document("Tom ran.  He won.")]
+    assert data.eval_examples("tinystories", docs) == [
+        EvalExample("Lily had a red ball.", "She lost it."), EvalExample("Tom ran.", "He fell.")]
+    assert data.eval_examples("tinystories", docs, num_prompts=1) == [EvalExample("Lily had a red ball.", "She lost it.")]
 
 
 @pytest.mark.parametrize("corpus", CORPORA)
@@ -329,7 +450,9 @@ def test_eval_prompts_ask_what_the_pairs_and_ppo_ask(corpus):
     chosen = {}  # generated openings repeat: a prompt may open several documents
     for pair in pairs:
         chosen.setdefault(pair.prompt, set()).add(pair.chosen)
-    assert len(examples) == 40 and all(example.prompt in chosen for example in examples)
+    # One example per distinct prompt (repeated openings give one).
+    assert len(examples) == len({data.document_prompt(corpus, d) for d in docs}) > 30
+    assert all(example.prompt in chosen for example in examples)
     for example in examples:
         if corpus != "cnn_dailymail":  # the reference is the pair's chosen answer: the document's rest
             assert example.prompt.endswith(".") and example.reference in chosen[example.prompt]
