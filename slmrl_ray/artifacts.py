@@ -108,8 +108,13 @@ def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
                "prompt_format": config.eval.prompt_format}
     data = fingerprint(training_data, prompts)
     sft = fingerprint(training_data, config.model, config.model_config, config.lora, config.sft, config.seed, machine)
-    # The reward stage also trains a `split` judge; other judges only concern evaluation.
-    reward = fingerprint(sft, config.reward, *([config.judge] if config.judge.source == "split" else []))
+    # The reward stage also trains a `split` judge (from another model's base, when it says so);
+    # other judges only concern evaluation.
+    judge = []
+    if config.judge.source == "split":
+        base = config.judge_base_key()
+        judge = [config.judge, *([config.models[base]] if base is not None else [])]
+    reward = fingerprint(sft, config.reward, *judge)
     ppo = fingerprint(reward, config.ppo, config.rewards)
     return {"data": data, "sft": sft, "reward": reward, "ppo": ppo,
             "eval": fingerprint(ppo, config.eval, config.judge)}

@@ -263,6 +263,16 @@ class JudgeConfig:
     source: Literal["none", "split", "external"] = "none"
     fraction: float = 0.5
     model: ExternalRewardModel | None = None
+    # What a split judge starts from. `sft`: this cell's merged SFT model, the reward model's
+    # twin (it catches one reward model's noise, not a policy that games what both learned);
+    # `other_family`: the pretrained base of the first model in `models:` of the other
+    # architecture family (GPT-NeoX for a Llama cell and back); or a key of `models:` (its base).
+    base_model: str = "sft"
+    # `study`: the judge's prompts paired as the reward model's are (the corpus's recipe);
+    # `judge`: paired by a different recipe (`data.build_judge_pairs`: another document's
+    # continuation, the continuation reordered, or cut short), so the two models are not
+    # taught the same contrast.
+    pairs: Literal["study", "judge"] = "study"
 
     def __post_init__(self) -> None:
         if self.source == "external" and self.model is None:
@@ -328,6 +338,9 @@ class PPOConfig:
             raise ConfigError("value_init applies to ppo only (grpo/rloo have no critic)")
 
 
+MIN_BOOTSTRAP = 1000
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     num_prompts: int = 200
@@ -346,6 +359,7 @@ class EvalConfig:
     ppl_max_length: int = 1024
     batch_size: int = 16
     seed: int = 1234
+    # Bootstrap draws behind each paired win rate's 95 % interval; at least MIN_BOOTSTRAP.
     num_bootstrap: int = 1000
     # Reward-hacking flags: PPO responses this many times longer than SFT's, or shorter than
     # this fraction of SFT's, or PPO distinct-2 below this fraction of SFT's (and, with a
@@ -353,6 +367,13 @@ class EvalConfig:
     hacking_length_ratio: float = 1.5
     hacking_short_ratio: float = 0.5
     hacking_distinct_ratio: float = 0.7
+
+    def __post_init__(self) -> None:
+        # The interval's low end decides `confirmed`; with a few hundred draws its 2.5th
+        # percentile rests on a handful of them and moves with the seed.
+        if self.num_bootstrap < MIN_BOOTSTRAP:
+            raise ConfigError(f"num_bootstrap: {self.num_bootstrap} is below {MIN_BOOTSTRAP} draws "
+                              "(the paired win rates' 95% intervals decide a confirmed gain)")
 
 
 @dataclass(frozen=True)
@@ -381,6 +402,8 @@ class PipelineConfig:
             raise ConfigError(f"model: {self.model!r} is not one of {sorted(self.models)}")
         if self.corpus not in self.corpora:
             raise ConfigError(f"corpus: {self.corpus!r} is not one of {sorted(self.corpora)}")
+        if self.judge.source == "split":
+            self.judge_base_key()  # an unknown base is a ConfigError now, not after SFT
 
     @property
     def model_config(self) -> ModelConfig:
@@ -389,6 +412,21 @@ class PipelineConfig:
     @property
     def corpus_config(self) -> CorpusConfig:
         return self.corpora[self.corpus]
+
+    def judge_base_key(self) -> str | None:
+        """The `models:` key whose pretrained base a split judge starts from; None: this cell's SFT model."""
+        base = self.judge.base_model
+        if base == "sft":
+            return None
+        if base == "other_family":
+            family = self.model_config.family
+            for key, model in self.models.items():
+                if model.family != family:
+                    return key
+            raise ConfigError(f"judge.base_model: other_family, but every model in `models:` is {family}")
+        if base not in self.models:
+            raise ConfigError(f"judge.base_model: {base!r} is not sft, other_family or one of {sorted(self.models)}")
+        return base
 
 
 # ---------------------------------------------------------------- strict loading

@@ -9,9 +9,11 @@ scores later are identical (separator and EOS included). Held-out pairwise accur
 measured with the saved, merged model through `RewardScorer`: the path PPO and
 evaluation use.
 
-With `judge.source: split` the stage trains a second reward model, the judge, the same
-way on a disjoint share of the training pairs (no prompt on both sides) and saves it to
-`reward/judge/`; evaluation scores with it, PPO never sees it.
+With `judge.source: split` the stage trains a second reward model, the judge, on a disjoint
+share of the training prompts (no prompt on both sides) and saves it to `reward/judge/`;
+evaluation scores with it, PPO never sees it. Independent where it matters when configured
+so (`judge.base_model`, `judge.pairs`): another architecture's pretrained base with its own
+LoRA rank, pairs built by another recipe, and another initialisation seed (always).
 """
 
 from __future__ import annotations
@@ -25,9 +27,21 @@ from trl import RewardConfig, RewardTrainer
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report
 from slmrl_ray.checks import assert_changed, assert_finite_state, trainable_snapshot
 from slmrl_ray.config import PipelineConfig
-from slmrl_ray.data import PreferencePair, load_jsonl
+from slmrl_ray.data import (
+    Document,
+    PreferencePair,
+    build_judge_pairs,
+    degenerate_pairs,
+    document_prompt,
+    load_jsonl,
+)
 from slmrl_ray.device import resolve_device
-from slmrl_ray.models import load_reward_model, load_tokenizer, lora_config
+from slmrl_ray.models import (
+    base_model_path,
+    load_reward_model,
+    load_tokenizer,
+    lora_config,
+)
 from slmrl_ray.rewards import JUDGE_FOLDER, pipeline_scorer
 from slmrl_ray.scoring import encode_reward_text, pairwise_accuracy
 from slmrl_ray.stages.sft import trainer_arguments
@@ -55,31 +69,51 @@ def judge_split(pairs: list[PreferencePair], fraction: float, seed: int) -> tupl
 
 
 def training_pairs(config: PipelineConfig, paths: RunPaths) -> dict[str, list[PreferencePair]]:
-    """The pairs each model of this stage trains on: `model`, and `judge` with a split judge."""
+    """The pairs each model of this stage trains on: `model`, and `judge` with a split judge.
+
+    The judge's prompts are its share of the training prompts; with `judge.pairs: judge` its
+    pairs are rebuilt from those prompts' training documents by `build_judge_pairs` (plus
+    degenerate ones, on another seed) instead of reusing the reward model's recipe.
+    """
     pairs = load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair)
     if config.judge.source != "split":
         return {"model": pairs}
     reward_pairs, judge_pairs = judge_split(pairs, config.judge.fraction, config.seed + 1)
+    if config.judge.pairs == "judge":
+        corpus = config.corpus_config.kind
+        prompts = {pair.prompt for pair in judge_pairs}
+        docs = [doc for doc in load_jsonl(paths.data / "train.jsonl", Document)
+                if document_prompt(corpus, doc) in prompts]
+        judge_pairs = build_judge_pairs(corpus, docs, config.data.seed + 2)
+        judge_pairs += degenerate_pairs(judge_pairs, config.data.degenerate_pairs, config.data.seed + 2)
     return {"model": reward_pairs, JUDGE_FOLDER: judge_pairs}
 
 
 def build_reward_trainer(
     config: PipelineConfig, paths: RunPaths, pairs: list[PreferencePair], name: str = "model"
 ) -> RewardTrainer:
+    """A reward model from the merged SFT model; a split judge from the same, or from another
+    model's pretrained base (`judge.base_model`), initialised from another seed."""
     device = resolve_device(config.device)
     cfg = config.reward
-    tokenizer = load_tokenizer(paths.sft / "model")
+    start, lora_r, seed = paths.sft / "model", config.model_config.lora_r, config.seed
+    if name == JUDGE_FOLDER:
+        base = config.judge_base_key()
+        if base is not None:
+            start, lora_r = base_model_path(config.models[base], config.cache_dir), config.models[base].lora_r
+        seed = config.seed + 1
+    tokenizer = load_tokenizer(start)
     # The score head (here) and the LoRA (in the trainer) start random: seed them, or a retried
     # trial in a reused Ray worker, whose random state has moved on, trains a different model.
-    set_seed(config.seed)
-    model = load_reward_model(paths.sft / "model", tokenizer, device=device)
-    args = RewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, config.seed))
+    set_seed(seed)
+    model = load_reward_model(start, tokenizer, device=device)
+    args = RewardConfig(**trainer_arguments(cfg, paths.reward / f"trainer_{name}", device, seed))
     return RewardTrainer(
         model=model,
         args=args,
         train_dataset=preference_dataset(pairs, tokenizer, cfg.max_length),
         processing_class=tokenizer,
-        peft_config=lora_config(config.model_config.lora_r, config.lora.alpha_per_rank, config.lora.dropout,
+        peft_config=lora_config(lora_r, config.lora.alpha_per_rank, config.lora.dropout,
                                 config.lora.target_modules, "SEQ_CLS"),
     )
 
