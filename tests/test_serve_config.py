@@ -151,3 +151,26 @@ def test_serving_beyond_loopback_needs_an_api_key_unless_told_insecure(monkeypat
     assert "--insecure to serve every model to anyone" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="api_key: must not be empty"):
         parse_args({"registry": "x", "api_key": " "})
+
+
+def test_a_stale_cached_copy_of_a_remote_artifact_is_downloaded_again(tmp_path, monkeypatch):
+    """A remote artifact's local copy that no longer matches its commit is fetched anew (this path
+    once raised NameError: `shutil` was never imported; `ruff check` now guards undefined names)."""
+    import pyarrow.fs as pafs
+
+    from slmrl_ray.serving.runners import local_folder
+    from slmrl_ray.storage import Storage, file_digests
+
+    source = tmp_path / "bucket" / "model"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"committed weights")
+    files = file_digests(source)
+    remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())  # not local: cached
+    monkeypatch.setattr(Storage, "from_uri", classmethod(lambda cls, uri: cls(uri, remote, "model")))
+    monkeypatch.setenv("SLMRL_RAY_SERVE_CACHE", str(tmp_path / "cache"))
+    cached = local_folder("s3://bucket/model", files)
+    assert cached.is_relative_to(tmp_path / "cache")
+    (cached / "model.safetensors").write_bytes(b"changed on disk")
+    again = local_folder("s3://bucket/model", files)
+    assert again == cached and (again / "model.safetensors").read_bytes() == b"committed weights"
