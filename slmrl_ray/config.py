@@ -269,10 +269,11 @@ class JudgeConfig:
     # architecture family (GPT-NeoX for a Llama cell and back); or a key of `models:` (its base).
     base_model: str = "sft"
     # `study`: the judge's prompts paired as the reward model's are (the corpus's recipe);
-    # `judge`: paired by a different recipe (`data.build_judge_pairs`: another document's
-    # continuation, the continuation reordered, or cut short), so the two models are not
-    # taught the same contrast.
-    pairs: Literal["study", "judge"] = "study"
+    # `other`: paired by another recipe (`data.build_judge_pairs`: another document's
+    # continuation, the continuation reordered, or cut short), so the two models are not taught
+    # the same contrast; `both`: each judge prompt paired both ways (the judge learns the
+    # contrasts the reward model learned and others it never saw).
+    pairs: Literal["study", "other", "both"] = "study"
 
     def __post_init__(self) -> None:
         if self.source == "external" and self.model is None:

@@ -51,7 +51,7 @@ def test_judge_pairs_keep_the_real_continuation_and_reject_it_otherwise_than_the
 
 def test_a_split_judge_trains_on_its_own_prompts_with_its_own_recipe(tmp_path):
     config = _config(tmp_path)
-    assert config.judge.pairs == "judge"
+    assert config.judge.pairs == "both"  # the tiny preset's judge
     paths = RunPaths(tmp_path / "run")
     docs = generate_documents("tinystories", 400, seed=1)
     save_jsonl(paths.data / "train.jsonl", docs)
@@ -61,10 +61,16 @@ def test_a_split_judge_trains_on_its_own_prompts_with_its_own_recipe(tmp_path):
     judge_prompts = {p.prompt for p in pairs["judge"]}
     assert model_prompts and judge_prompts and not model_prompts & judge_prompts
     assert {p.kind for p in pairs["model"]} == {"study"}
-    assert {p.kind for p in pairs["judge"]} >= {"judge_other", "judge_reordered", "judge_cut", "empty"}
-    study_recipe = training_pairs(_config(tmp_path, "pythia-70m", "tinystories", "judge.pairs=study"), paths)
-    assert {p.prompt for p in study_recipe["judge"]} == judge_prompts  # the same prompts either way
-    assert all(isinstance(p, PreferencePair) and p.kind == "study" for p in study_recipe["judge"])
+    other_kinds = {"judge_other", "judge_reordered", "judge_cut"}
+    assert {p.kind for p in pairs["judge"]} >= {"study", *other_kinds, "empty"}
+    by_recipe = {recipe: training_pairs(_config(tmp_path, "pythia-70m", "tinystories", f"judge.pairs={recipe}"), paths)
+                 for recipe in ("study", "other")}
+    for recipe, split in by_recipe.items():
+        assert split["model"] == pairs["model"]  # the reward model's pairs never change
+        assert {p.prompt for p in split["judge"]} == judge_prompts  # nor the judge's prompts
+    assert {p.kind for p in by_recipe["study"]["judge"]} == {"study"}
+    assert {p.kind for p in by_recipe["other"]["judge"]} == {*other_kinds, "empty", "fragment", "padded"}
+    assert sorted(map(repr, pairs["judge"])) == sorted(map(repr, by_recipe["study"]["judge"] + by_recipe["other"]["judge"]))
 
 
 @pytest.mark.parametrize(("model", "judge_base"), [("pythia-70m", "smollm2-135m"), ("pythia-410m", "smollm2-135m"),
@@ -88,7 +94,7 @@ def test_an_unknown_or_missing_judge_base_is_a_config_error_naming_the_field(tmp
 
 def test_the_judge_base_and_recipe_are_in_the_reward_stages_fingerprint(tmp_path):
     base = stage_fingerprints(_config(tmp_path))
-    for override in ("judge.base_model=sft", "judge.pairs=study", "judge.base_model=smollm2-360m",
+    for override in ("judge.base_model=sft", "judge.pairs=study", "judge.pairs=other", "judge.base_model=smollm2-360m",
                      "models.smollm2-135m.lora_r=8"):
         changed = stage_fingerprints(_config(tmp_path, "pythia-70m", "tinystories", override))
         assert changed["sft"] == base["sft"] and changed["reward"] != base["reward"], override

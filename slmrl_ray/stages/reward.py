@@ -71,21 +71,23 @@ def judge_split(pairs: list[PreferencePair], fraction: float, seed: int) -> tupl
 def training_pairs(config: PipelineConfig, paths: RunPaths) -> dict[str, list[PreferencePair]]:
     """The pairs each model of this stage trains on: `model`, and `judge` with a split judge.
 
-    The judge's prompts are its share of the training prompts; with `judge.pairs: judge` its
+    The judge's prompts are its share of the training prompts; with `judge.pairs: other` its
     pairs are rebuilt from those prompts' training documents by `build_judge_pairs` (plus
-    degenerate ones, on another seed) instead of reusing the reward model's recipe.
+    degenerate ones, on another seed) instead of the reward model's recipe; `both` keeps the
+    study pairs of its prompts and adds those.
     """
     pairs = load_jsonl(paths.data / "pairs_train.jsonl", PreferencePair)
     if config.judge.source != "split":
         return {"model": pairs}
     reward_pairs, judge_pairs = judge_split(pairs, config.judge.fraction, config.seed + 1)
-    if config.judge.pairs == "judge":
+    if config.judge.pairs != "study":
         corpus = config.corpus_config.kind
         prompts = {pair.prompt for pair in judge_pairs}
         docs = [doc for doc in load_jsonl(paths.data / "train.jsonl", Document)
                 if document_prompt(corpus, doc) in prompts]
-        judge_pairs = build_judge_pairs(corpus, docs, config.data.seed + 2)
-        judge_pairs += degenerate_pairs(judge_pairs, config.data.degenerate_pairs, config.data.seed + 2)
+        other = build_judge_pairs(corpus, docs, config.data.seed + 2)
+        other += degenerate_pairs(other, config.data.degenerate_pairs, config.data.seed + 2)
+        judge_pairs = other if config.judge.pairs == "other" else judge_pairs + other
     return {"model": reward_pairs, JUDGE_FOLDER: judge_pairs}
 
 
