@@ -9,7 +9,6 @@ import pytest
 from slmrl_ray.artifacts import RunPaths, stage_fingerprints
 from slmrl_ray.config import ConfigError, load_config
 from slmrl_ray.data import (
-    PreferencePair,
     build_judge_pairs,
     build_preference_pairs,
     generate_documents,
