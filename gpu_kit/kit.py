@@ -44,7 +44,7 @@ GPU_BUDGET_S = 450  # all parts together: with the install and the report the ki
 DRY_STEPS = ("data.num_documents=200", "sft.max_steps=2", "sft.batch_size=2", "sft.grad_accum=1",
              "sft.max_length=64", "reward.max_steps=2", "reward.batch_size=2", "reward.grad_accum=1",
              "reward.max_length=64", "ppo.steps=2", "ppo.checkpoint_every=2", "ppo.rollout_batch_size=4",
-             "ppo.max_new_tokens=8", "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=10")
+             "ppo.max_new_tokens=8", "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=1000")
 # ...on small stand-ins for the full-size shapes, one per family.
 DRY_SHAPES = {
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -23,6 +23,7 @@ __all__ = [
     "distinct_n",
     "paired_win_rate",
     "reward_summary",
+    "rouge_f1_per_example",
     "rouge_scores",
     "token_weighted_perplexity",
 ]
@@ -126,20 +127,31 @@ def distinct_n(responses: Sequence[str], n: int) -> float:
     return len(unique) / total if total else 0.0
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """ROUGE-1/2/L F1 (rouge_score, Porter stemmer), averaged over prompts, in [0, 1]."""
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_f1_per_example(
+    predictions: Sequence[str], references: Sequence[str], keys: Sequence[str] = ROUGE_KEYS
+) -> dict[str, list[float]]:
+    """Per-prompt ROUGE F1 (rouge_score, Porter stemmer), in [0, 1]: {key: [one per prompt]}.
+
+    Element i of both sequences belongs to the same prompt, so two policies' lists pair up
+    for `paired_win_rate`.
+    """
     if len(predictions) != len(references):
         raise ValueError(f"length mismatch: {len(predictions)} vs {len(references)}")
     if len(predictions) == 0:
-        raise ValueError("rouge_scores needs at least one prediction")
-    keys = ("rouge1", "rouge2", "rougeL")
+        raise ValueError("ROUGE needs at least one prediction")
     scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
-    totals = dict.fromkeys(keys, 0.0)
-    for prediction, reference in zip(predictions, references):
-        scores = scorer.score(reference, prediction)  # signature: (target, prediction)
-        for key in keys:
-            totals[key] += scores[key].fmeasure
-    return {key: total / len(predictions) for key, total in totals.items()}
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    # scorer.score's signature is (target, prediction)
+    return {key: [score[key].fmeasure for score in scores] for key in keys}
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (rouge_score, Porter stemmer), averaged over prompts, in [0, 1]."""
+    per_example = rouge_f1_per_example(predictions, references)
+    return {key: sum(values) / len(values) for key, values in per_example.items()}
 
 
 def bleu_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -99,9 +99,20 @@ def run_pipeline(
 ROW_TEXT_METRICS = ("distinct_1", "distinct_2", "rouge1", "rouge2", "rougeL", "bleu", "precision_4gram")
 
 
+# The confirm rule's thresholds (`confirmed_gain`); the report's legend is written from these.
+# A paired win rate's 95 % interval must lie above this (a coin flip between SFT and PPO).
+CONFIRMED_MIN_WIN_RATE = 0.5
+# A model that misorders more than about 1 held-out pair in 7 ranks two policies' answers too
+# noisily to certify a gain: the reward model behind the gain, and the judge that confirms it.
+CONFIRMED_MIN_ACCURACY = 0.85
 # A PPO policy this far from its reference (nats per response) has left the region where its
 # reward model's scores mean anything; the adaptive controller aims at 6 (the study's target).
 CONFIRMED_MAX_KL = 20.0
+
+
+def _interval(paired: dict | None) -> list[float] | None:
+    """A paired win rate's 95 % interval as [low, high], None without one."""
+    return None if paired is None else [paired["ci_low"], paired["ci_high"]]
 
 
 def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
@@ -109,6 +120,8 @@ def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
 
     With the stages' metrics it also carries the reward model's held-out accuracy and the
     PPO policy's final KL; `confirmed` says whether the gain is one to believe (`confirmed_gain`).
+    The judge's fields are None without a judge; `judge_accuracy` and the gold fields are None
+    for an evaluation that predates them.
     """
     sft, ppo = evaluation["sft"], evaluation["ppo"]
     text_metrics = {
@@ -116,7 +129,8 @@ def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
         for name, policy in (("sft", sft), ("ppo", ppo))
         for metric in ROW_TEXT_METRICS
     }
-    judge = evaluation.get("judge")
+    judge, gold = evaluation.get("judge") or {}, evaluation.get("gold") or {}
+    judge_paired, gold_paired = judge.get("paired_win_rate"), gold.get("paired_win_rate")
     stage_metrics = stage_metrics or {}
     row = {
         "model": evaluation["model"],
@@ -130,13 +144,15 @@ def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
         "delta_reward": evaluation["delta_reward"],
         "win_rate": evaluation["analytical_win_rate"],
         "paired_win_rate": evaluation["paired_win_rate"]["win_rate"],
-        "paired_win_rate_ci": [
-            evaluation["paired_win_rate"]["ci_low"],
-            evaluation["paired_win_rate"]["ci_high"],
-        ],
+        "paired_win_rate_ci": _interval(evaluation["paired_win_rate"]),
         **text_metrics,
-        "judge_delta": judge["delta"] if judge else None,
-        "judge_paired_win_rate": judge["paired_win_rate"]["win_rate"] if judge else None,
+        "gold_delta": gold.get("delta"),
+        "gold_paired_win_rate": gold_paired["win_rate"] if gold_paired else None,
+        "gold_paired_win_rate_ci": _interval(gold_paired),
+        "judge_delta": judge.get("delta"),
+        "judge_paired_win_rate": judge_paired["win_rate"] if judge_paired else None,
+        "judge_paired_win_rate_ci": _interval(judge_paired),
+        "judge_accuracy": judge.get("heldout_accuracy"),
         "hacking_flags": [flag.split(":")[0] for flag in evaluation.get("hacking_flags", [])],
         "rm_accuracy": stage_metrics.get("reward", {}).get("heldout_accuracy"),
         "kl": stage_metrics.get("ppo", {}).get("kl_last"),
@@ -146,23 +162,57 @@ def results_row(evaluation: dict, stage_metrics: dict | None = None) -> dict:
 
 
 def confirmed_gain(row: dict) -> bool:
-    """A held-out reward gain to believe: the paired win rate's 95 % interval lies above 50 %,
-    a judge (a reward model PPO never saw) agrees, no hacking flag, and a finite, bounded KL."""
-    kl = row.get("kl")
+    """A held-out reward gain to believe. Every one of:
+
+    - the training reward rose (`delta_reward` > 0) and its paired win rate's 95 % interval lies
+      above CONFIRMED_MIN_WIN_RATE;
+    - a judge (a reward model PPO never saw) agrees: judge delta > 0 and its own paired
+      interval above CONFIRMED_MIN_WIN_RATE;
+    - the judge's held-out accuracy is at least CONFIRMED_MIN_ACCURACY (no accuracy: not
+      confirmed), and so is the reward model's when there is one (rules or an external
+      reward have no `rm_accuracy`, and no floor);
+    - no hacking flag, and a finite final KL of at most CONFIRMED_MAX_KL.
+
+    The gold check (ROUGE-L against the real continuation) is reported only: it is not part
+    of the rule, since a continuation is one good answer among many.
+    """
+    kl, rm_accuracy, judge_accuracy = row.get("kl"), row.get("rm_accuracy"), row.get("judge_accuracy")
+    judge_interval = row.get("judge_paired_win_rate_ci")
     return (
         row["delta_reward"] > 0
-        and row["paired_win_rate_ci"][0] > 0.5
+        and row["paired_win_rate_ci"][0] > CONFIRMED_MIN_WIN_RATE
         and row.get("judge_delta") is not None and row["judge_delta"] > 0
+        and judge_interval is not None and judge_interval[0] > CONFIRMED_MIN_WIN_RATE
+        and judge_accuracy is not None and judge_accuracy >= CONFIRMED_MIN_ACCURACY
+        and (rm_accuracy is None or rm_accuracy >= CONFIRMED_MIN_ACCURACY)
         and not row.get("hacking_flags")
         and kl is not None and math.isfinite(kl) and kl <= CONFIRMED_MAX_KL
     )
 
 
+def format_interval(interval: list[float] | None) -> str:
+    """A paired win rate's 95 % interval as `52.1%-69.0%`, `-` without one."""
+    return "-" if interval is None else f"{interval[0]:.1%}-{interval[1]:.1%}"
+
+
+def format_judge(row: dict) -> str:
+    """The judge's delta with its paired interval, `+0.300 (55.0%-70.0%)`; `-` without a judge."""
+    if row.get("judge_delta") is None:
+        return "-"
+    return f"{row['judge_delta']:+.3f} ({format_interval(row.get('judge_paired_win_rate_ci'))})"
+
+
+def format_optional(value: float | None, spec: str) -> str:
+    """`value` formatted by `spec`, `-` for None (a field the run has no number for)."""
+    return "-" if value is None else format(value, spec)
+
+
 def format_row(row: dict) -> str:
-    """A markdown table with one row, in the study's column order, then the judge and the flags."""
+    """A markdown table with one row, in the study's column order, then the gold check, the
+    judge, the reward model's accuracy, the KL, the flags and whether the gain is confirmed."""
     header = ("model", "corpus", "SFT ppl", "PPO ppl", "SFT reward", "PPO reward", "delta",
-              "win rate", "paired win (95% CI)", "distinct-1/2", "ROUGE-L", "BLEU", "judge delta", "flags")
-    low, high = row["paired_win_rate_ci"]
+              "win rate", "paired win (95% CI)", "distinct-1/2", "ROUGE-L", "BLEU", "gold delta",
+              "judge delta (95% CI)", "judge acc", "RM acc", "KL", "flags", "confirmed")
     cells = (
         row["model"],
         row["corpus"],
@@ -172,12 +222,17 @@ def format_row(row: dict) -> str:
         f"{row['ppo_reward']:.3f} ± {row['ppo_reward_std']:.3f}",
         f"{row['delta_reward']:+.3f}",
         f"{row['win_rate']:.1%}",
-        f"{row['paired_win_rate']:.1%} ({low:.1%}-{high:.1%})",
+        f"{row['paired_win_rate']:.1%} ({format_interval(row['paired_win_rate_ci'])})",
         f"{row['ppo_distinct_1']:.3f}/{row['ppo_distinct_2']:.3f}",
         f"{row['ppo_rougeL']:.3f}",
         f"{row['ppo_bleu']:.2f}",
-        "-" if row.get("judge_delta") is None else f"{row['judge_delta']:+.3f}",
+        format_optional(row.get("gold_delta"), "+.3f"),
+        format_judge(row),
+        format_optional(row.get("judge_accuracy"), ".2f"),
+        format_optional(row.get("rm_accuracy"), ".2f"),
+        format_optional(row.get("kl"), ".1f"),
         ", ".join(row.get("hacking_flags") or []) or "none",
+        "yes" if row.get("confirmed") else "no",
     )
     return "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(cells) + " |"]

@@ -13,7 +13,7 @@ from slmrl_ray.storage import Storage
 
 TINY = ["--preset", "tiny", "--model", "pythia-70m", "--corpus", "tinystories", "data.num_documents=300",
         "sft.max_steps=4", "reward.max_steps=4", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
-        "ppo.max_new_tokens=8", "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=10"]
+        "ppo.max_new_tokens=8", "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=1000"]
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_bench_shapes_measures_each_model_and_projects_the_grid(tmp_path, monkey
     small = ["data.num_documents=200", "sft.max_steps=2", "sft.batch_size=2", "sft.grad_accum=1", "sft.max_length=64",
              "reward.max_steps=2", "reward.batch_size=2", "reward.grad_accum=1", "reward.max_length=64",
              "ppo.steps=2", "ppo.checkpoint_every=2", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=8",
-             "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=10"]
+             "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.num_bootstrap=1000"]
     out = tmp_path / "shapes.json"
     models = ["pythia-70m", "smollm2-135m"]
     argv = ["bench", "shapes", "--models", ",".join(models), "--peak-tflops", "100", *small, "--out", str(out)]

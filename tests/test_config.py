@@ -17,6 +17,7 @@ from slmrl_ray.artifacts import STAGES, stage_fingerprints
 from slmrl_ray.config import (
     PRESETS_DIR,
     ConfigError,
+    EvalConfig,
     PipelineConfig,
     apply_overrides,
     config_from_dict,
@@ -253,6 +254,15 @@ def test_model_with_non_positive_lora_rank():
 def test_ppo_temperature_must_be_positive():
     message = config_error(preset="tiny", overrides=["ppo.temperature=0"])
     assert message == "ppo: temperature must be positive: rollouts are sampled, and scored under it"
+
+
+def test_eval_bootstrap_needs_a_thousand_draws():
+    message = config_error(preset="tiny", overrides=["eval.num_bootstrap=999"])
+    assert message.startswith("eval: num_bootstrap: 999 is below 1000 draws")
+    with pytest.raises(ConfigError, match="^num_bootstrap: 999 is below 1000 draws"):
+        EvalConfig(num_bootstrap=999)
+    assert EvalConfig(num_bootstrap=1000).num_bootstrap == 1000
+    assert load_config(preset="tiny", overrides=["eval.num_bootstrap=1000"]).eval.num_bootstrap == 1000
 
 
 def test_hub_corpus_without_path(tmp_path):

@@ -139,7 +139,7 @@ def test_ppo_is_scored_by_minilm_through_its_own_tokenizer(minilm_rm, run_copy, 
     config = load_config(preset="tiny", overrides=[
         f"model={copied.model}", f"corpus={copied.corpus}", f"output_dir={copied.output_dir}",
         "ppo.steps=8", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=16",
-        "ppo.checkpoint_every=8", "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=50",
+        "ppo.checkpoint_every=8", "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=1000",
         f"rewards.model.name_or_path={folder}", f"rewards.model.max_length={MAX_LENGTH}",
     ])
     calls = []  # (scorer, prompts, responses, scores) of every external-RM call, in order

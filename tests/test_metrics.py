@@ -92,3 +92,13 @@ def test_rouge_stems_inflected_words() -> None:
     scores = mt.rouge_scores(["the cats were running"], ["the cat was run"])
     assert scores["rouge1"] == pytest.approx(3 / 4)  # the, cat, run; not were/was
     assert scores["rouge2"] == pytest.approx(1 / 3)  # "the cat"
+
+
+def test_rouge_per_example_pairs_up_with_the_averaged_scores() -> None:
+    predictions, references = ["the cat sat", "a dog ran far"], ["the cat ran", "the dog ran"]
+    per_example = mt.rouge_f1_per_example(predictions, references, keys=("rougeL",))
+    # LCS "the cat": P = R = 2/3; LCS "dog ran": P = 2/4, R = 2/3 -> F1 = 2PR / (P + R) = 4/7
+    assert per_example["rougeL"] == pytest.approx([2 / 3, 4 / 7])
+    assert mt.rouge_scores(predictions, references)["rougeL"] == pytest.approx((2 / 3 + 4 / 7) / 2)
+    with pytest.raises(ValueError):
+        mt.rouge_f1_per_example(["a"], [])

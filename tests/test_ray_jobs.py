@@ -63,7 +63,7 @@ def test_ray_job_submit_runs_a_tiny_grid(tmp_path):
                       "cells=[pythia-70m/tinystories]",
                       # What is tested is the job path, not learning: short budgets.
                       "pipeline.overrides=[sft.max_steps=8, reward.max_steps=8, ppo.steps=4, "
-                      "ppo.checkpoint_every=2, eval.num_prompts=8, eval.num_bootstrap=50]"]
+                      "ppo.checkpoint_every=2, eval.num_prompts=8, eval.num_bootstrap=1000]"]
         for _ in range(30):  # the job server comes up a moment after `ray start` returns
             listing = subprocess.run([ray, "job", "list", "--address", address], env=env,
                                      capture_output=True, text=True, timeout=60)

@@ -54,6 +54,10 @@ def make_record(
             "delta_reward": ppo_reward + 4.0, "analytical_win_rate": 0.607,
             "paired_win_rate": {"win_rate": 0.625, "ci_low": 0.469, "ci_high": 0.781},
             "sft": policy_metrics(-4.0, 6.0, 0.0), "ppo": policy_metrics(ppo_reward, 6.5, 0.1),
+            "judge": {"delta": 0.3, "paired_win_rate": {"win_rate": 0.6, "ci_low": 0.52, "ci_high": 0.68},
+                      "heldout_accuracy": 0.9, "heldout_pairs": 120},
+            "gold": {"metric": "rougeL_f1", "sft": 0.17, "ppo": 0.27, "delta": 0.1,
+                     "paired_win_rate": {"win_rate": 0.7, "ci_low": 0.61, "ci_high": 0.79}},
         }
     return {
         "experiment": "tiny-" + kind, "kind": kind, "trial_id": trial_id,
@@ -166,6 +170,8 @@ def test_results_rows_carry_the_extended_text_metrics(grid_rows):
     assert row["sft_rouge2"] == pytest.approx(0.05) and row["ppo_rouge2"] == pytest.approx(0.15)
     assert row["ppo_bleu"] == pytest.approx(2.6) and row["ppo_precision_4gram"] == pytest.approx(0.11)
     assert row["paired_win_rate_ci"] == [0.469, 0.781]
+    assert row["judge_paired_win_rate_ci"] == [0.52, 0.68] and row["judge_accuracy"] == 0.9
+    assert row["gold_delta"] == 0.1 and row["gold_paired_win_rate_ci"] == [0.61, 0.79]
     assert grid_rows[1]["reason"] == "PPO diverged" and "sft_perplexity" not in grid_rows[1]
 
 
@@ -181,6 +187,9 @@ def test_csv_has_one_row_per_cell_with_results_and_the_ci_split(grid_rows, tmp_p
     assert "paired_win_rate_ci" not in table[0] and "reason" not in table[0]
     assert float(table[0]["paired_win_rate_ci_low"]) == pytest.approx(0.469)
     assert float(table[0]["paired_win_rate_ci_high"]) == pytest.approx(0.781)
+    assert float(table[0]["judge_paired_win_rate_ci_low"]) == pytest.approx(0.52)
+    assert float(table[0]["gold_paired_win_rate_ci_high"]) == pytest.approx(0.79)
+    assert "judge_paired_win_rate_ci" not in table[0] and "gold_paired_win_rate_ci" not in table[0]
     assert float(table[1]["ppo_reward"]) == pytest.approx(-2.0)
     assert float(table[1]["delta_reward"]) == pytest.approx(2.0)
     assert table[0]["objective"] == ""  # grid: no objective
@@ -192,7 +201,8 @@ def test_markdown_shows_formatted_numbers_and_lists_diverged_cells_apart(grid_ro
     table, missing = markdown.split("## Cells without results")
     first = next(line for line in table.splitlines() if line.startswith("| pythia-70m | tinystories |"))
     for text in ("6.00", "6.50", "-4.000 ± 1.250", "-3.500 ± 1.250", "+0.500", "60.7%",
-                 "62.5% (46.9%-78.1%)", "0.310/0.620", "0.410/0.720", "0.310/0.150/0.270", "2.60"):
+                 "62.5% (46.9%-78.1%)", "0.310/0.620", "0.410/0.720", "0.310/0.150/0.270", "2.60",
+                 "| +0.100 | +0.300 (52.0%-68.0%) | 0.9 | 0.98 |"):
         assert text in first, text
     assert "pythia-160m" not in table  # never as a row of numbers
     assert "- pythia-160m / cnn_dailymail: PPO diverged (trial g3)" in missing
@@ -305,25 +315,29 @@ def test_write_report_for_a_search_adds_the_landscape(tmp_path):
 
 
 def test_the_summary_counts_only_gains_that_are_confirmed():
-    def row(ci_low=0.6, judge=0.3, flags=(), kl=5.0, delta=0.5):
-        record = make_record(ppo_reward=-4.0 + delta, trial_id=f"t{ci_low}{judge}{len(flags)}{kl}{delta}")
+    def row(ci_low=0.6, judge=0.3, judge_ci_low=0.55, judge_accuracy=0.9, rm_accuracy=0.95, flags=(), kl=5.0,
+            delta=0.5):
+        record = make_record(ppo_reward=-4.0 + delta, trial_id="t")
         evaluation = record["evaluation"]
         evaluation["paired_win_rate"] = {"win_rate": 0.8, "ci_low": ci_low, "ci_high": 0.95}
-        evaluation["judge"] = {"delta": judge, "paired_win_rate": {"win_rate": 0.7}}
+        evaluation["judge"] = {"delta": judge, "paired_win_rate": {"win_rate": 0.7, "ci_low": judge_ci_low,
+                                                                   "ci_high": 0.8},
+                               "heldout_accuracy": judge_accuracy}
         evaluation["hacking_flags"] = [f"{flag}: detail" for flag in flags]
-        record["metrics"] = {"reward": {"heldout_accuracy": 0.95}, "ppo": {"kl_last": kl}}
+        record["metrics"] = {"reward": {"heldout_accuracy": rm_accuracy}, "ppo": {"kl_last": kl}}
         return results_table([record])[0]
 
     good = row()
     assert good["confirmed"] and good["rm_accuracy"] == 0.95 and good["kl"] == 5.0
     failing = [row(ci_low=0.45), row(judge=-0.1), row(flags=("short",)), row(kl=float("nan")),
-               row(kl=1e3), row(delta=-0.1)]
-    assert [r["confirmed"] for r in failing] == [False] * 6
+               row(kl=1e3), row(delta=-0.1), row(judge_ci_low=0.45), row(judge_accuracy=0.8),
+               row(rm_accuracy=0.8)]
+    assert [r["confirmed"] for r in failing] == [False] * 9
     assert failing[2]["hacking_flags"] == ["short"]
     summary = format_summary([good, *failing])
-    assert "Confirmed gains: 1 of 7 cells" in summary
+    assert "Confirmed gains: 1 of 10 cells (a held-out reward gain (delta > 0)" in summary
     line = next(text for text in summary.splitlines() if text.startswith("| pythia-70m") and "| short |" in text)
-    assert "| no |" in line and "+0.300" in line
+    assert "| no |" in line and "+0.300 (55.0%-80.0%)" in line
 
 
 def test_a_collapsed_run_says_which_check_failed_and_why():

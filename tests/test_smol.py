@@ -37,7 +37,7 @@ SHORT = [
     "data.num_documents=300", "sft.max_steps=2", "sft.batch_size=4", "sft.max_length=64",
     "reward.max_steps=12", "judge.source=none",
     "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=16",
-    "ppo.checkpoint_every=1", "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=50",
+    "ppo.checkpoint_every=1", "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=1000",
 ]
 
 

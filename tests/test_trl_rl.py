@@ -27,7 +27,7 @@ LENGTH_RULE = [
     "rewards.model_weight=0", "rewards.rules=[{kind: length, name: six_words, target: 6, tolerance: 1.0}]",
     "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.num_generations=4", "ppo.learning_rate=3e-3",
     "ppo.init_kl_coef=0.05", "ppo.temperature=0.7",  # a rule's reward is small beside the preset's KL 0.2
-    "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=20",
+    "eval.num_prompts=8", "eval.max_new_tokens=16", "eval.num_bootstrap=1000",
 ]
 
 

@@ -11,9 +11,15 @@ Phi(delta / sqrt(s_sft^2 + s_ppo^2)) and a paired empirical win rate with a boot
 
 The reward is the configured reward source (`rewards:`, the one PPO trained on) with its
 components (reward model, each rule). With a judge (`judge:`, a reward model PPO never
-saw), the judge's delta, its gap to the training reward's, and reward-hacking flags
-(much longer or shorter responses, collapsing distinct-2, a reward gain the judge does
-not confirm).
+saw), the judge's delta and paired win rate with its interval, its gap to the training
+reward's, the judge's own accuracy on the data stage's held-out preference pairs, and
+reward-hacking flags (much longer or shorter responses, collapsing distinct-2, a reward
+gain the judge does not confirm).
+
+`gold` is a model-free check: each response's ROUGE-L F1 against the document's real
+continuation (the example's `reference`), paired per prompt. It is reported beside the
+reward and never enters the confirm rule (`pipeline.confirmed_gain`), which rests on the
+training reward's and the judge's paired intervals and both models' held-out accuracy.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from tqdm.auto import tqdm
 from slmrl_ray import metrics
 from slmrl_ray.artifacts import Reporter, RunPaths, no_report, write_json
 from slmrl_ray.config import EvalConfig, PipelineConfig
-from slmrl_ray.data import RESPONSE_SEPARATOR, EvalExample, load_jsonl, save_jsonl
+from slmrl_ray.data import RESPONSE_SEPARATOR, EvalExample, PreferencePair, load_jsonl, save_jsonl
 from slmrl_ray.device import resolve_device
 from slmrl_ray.generation import SamplingSettings, decode_responses, generate
 from slmrl_ray.models import load_causal_lm, load_tokenizer
 from slmrl_ray.rewards import build_judge, build_reward
+from slmrl_ray.scoring import pairwise_accuracy
 
 POLICIES = ("sft", "ppo")
 
@@ -111,7 +118,7 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
     validation, test = split_prompts(len(examples), cfg.validation_fraction, cfg.seed)
     scorer = build_reward(config.rewards, config.reward, paths.reward, device)
     judge = build_judge(config.judge, config.reward, paths.reward, device)
-    results, rewards, judged = {}, {}, {}
+    results, rewards, judged, gold = {}, {}, {}, {}
     for policy in POLICIES:
         folder = paths.stage(policy) / "model"
         tokenizer = load_tokenizer(folder)
@@ -123,6 +130,8 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
         results[policy] = policy_metrics([responses[i] for i in test], [references[i] for i in test],
                                          [rewards[policy][i] for i in test], ppl)
         results[policy]["reward_components"] = {name: float(v[test].mean()) for name, v in components.items()}
+        gold[policy] = metrics.rouge_f1_per_example([responses[i] for i in test], [references[i] for i in test],
+                                                    keys=("rougeL",))["rougeL"]
         samples = [
             {"prompt": p, "reference": r, "response": s, "reward": w}
             for p, r, s, w in zip(prompts, references, responses, rewards[policy])
@@ -140,6 +149,10 @@ def run_eval(config: PipelineConfig, paths: RunPaths, report: Reporter = no_repo
     if judge is not None:
         comparison["judge"] = judge_comparison(results["sft"], results["ppo"],
                                                {p: pick(v, test) for p, v in judged.items()}, cfg)
+        # The judge's own accuracy, split or external, on the pairs no pipeline model trained on.
+        heldout_pairs = load_jsonl(paths.data / "pairs_heldout.jsonl", PreferencePair)
+        comparison["judge"].update(pairwise_accuracy(judge, heldout_pairs))
+    comparison["gold"] = gold_comparison(gold, cfg)
     if validation:
         comparison["validation"] = validation_summary(
             {p: pick(v, validation) for p, v in rewards.items()},
@@ -188,6 +201,20 @@ def judge_comparison(sft: dict, ppo: dict, judged: dict[str, list[float]], cfg: 
         "reward_standardized_delta": reward_delta,
         "gap": reward_delta - judge_delta,
         "paired_win_rate": paired,
+    }
+
+
+def gold_comparison(gold: dict[str, list[float]], cfg: EvalConfig) -> dict:
+    """Both policies' mean per-prompt ROUGE-L F1 against the real continuation, its delta and the
+    paired win rate with its bootstrap interval. Reported only: no model scores it, so no model
+    can be gamed into it, but a continuation is not the only good answer."""
+    sft, ppo = (sum(gold[policy]) / len(gold[policy]) for policy in POLICIES)
+    return {
+        "metric": "rougeL_f1",
+        "sft": sft,
+        "ppo": ppo,
+        "delta": ppo - sft,
+        "paired_win_rate": metrics.paired_win_rate(gold["ppo"], gold["sft"], cfg.num_bootstrap, seed=cfg.seed),
     }
 
 

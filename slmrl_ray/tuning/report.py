@@ -6,11 +6,14 @@ with its evaluation, stage metrics and fingerprints; the driver adds a placehold
 record per (model, corpus) cell -- the newest for a grid, the best non-diverged by objective
 for a search -- and writes into a local folder:
 
-- `results.md`, `results.csv`, `results.json`: the study's table; cells that diverged or
-  never finished are listed with the reason under "Cells without results", never as numbers;
+- `results.md`, `results.csv`, `results.json`: the study's table; `results.md` counts the
+  confirmed gains and states the rule (`CONFIRM_RULE`, `pipeline.confirmed_gain`); cells that
+  diverged or never finished are listed with the reason under "Cells without results", never as numbers;
 - `rewards.png`, `win_rates.png` and, for a search, `search_landscape.png`;
 - `registry.json`: per cell, the SFT, reward and PPO stages' fingerprints with their metrics, for
-  serving, which finds the committed artifacts under the experiment's root where it is now.
+  serving, which finds the committed artifacts under the experiment's root where it is now, and
+  the cell's own settings with their provenance (`cell_overrides`).
+(A search's `budgets.yaml`, its per-cell choice for a grid, is `slmrl_ray.tuning.budgets`'s.)
 
 No Ray here, and no storage access: the caller gathers the records and uploads the folder, so
 the report can be rebuilt from any process, and tested, without a cluster.
@@ -25,7 +28,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from slmrl_ray.pipeline import CONFIRMED_MAX_KL, results_row
+from slmrl_ray.pipeline import (
+    CONFIRMED_MAX_KL,
+    CONFIRMED_MIN_ACCURACY,
+    CONFIRMED_MIN_WIN_RATE,
+    format_interval,
+    format_judge,
+    format_optional,
+    results_row,
+)
 
 MODEL_ORDER = ("pythia-70m", "pythia-160m", "pythia-410m", "smollm2-135m", "smollm2-360m")
 CORPUS_ORDER = ("tinystories", "cnn_dailymail", "wikitext")
@@ -165,19 +176,20 @@ def _format_number(value: float | str | None) -> str:
 
 
 def _markdown_cells(row: dict, param_keys: list[str], with_objective: bool) -> list[str]:
-    low, high = row["paired_win_rate_ci"]
     cells = [
         row["model"], row["corpus"],
         f"{row['sft_perplexity']:.2f}", f"{row['ppo_perplexity']:.2f}",
         f"{row['sft_reward']:.3f} ± {row['sft_reward_std']:.3f}",
         f"{row['ppo_reward']:.3f} ± {row['ppo_reward_std']:.3f}",
         f"{row['delta_reward']:+.3f}", f"{row['win_rate']:.1%}",
-        f"{row['paired_win_rate']:.1%} ({low:.1%}-{high:.1%})",
+        f"{row['paired_win_rate']:.1%} ({format_interval(row['paired_win_rate_ci'])})",
         f"{row['sft_distinct_1']:.3f}/{row['sft_distinct_2']:.3f}",
         f"{row['ppo_distinct_1']:.3f}/{row['ppo_distinct_2']:.3f}",
         f"{row['ppo_rouge1']:.3f}/{row['ppo_rouge2']:.3f}/{row['ppo_rougeL']:.3f}",
         f"{row['ppo_bleu']:.2f}",
-        "-" if row.get("judge_delta") is None else f"{row['judge_delta']:+.3f}",
+        format_optional(row.get("gold_delta"), "+.3f"),
+        format_judge(row),
+        _format_number(row.get("judge_accuracy")),
         _format_number(row.get("rm_accuracy")),
         _format_number(row.get("kl")),
         ", ".join(row.get("hacking_flags") or []) or "none",
@@ -194,18 +206,28 @@ def _markdown_table(rows: list[dict]) -> str:
     with_objective = any(row.get("objective") is not None for row in rows)
     header = ["model", "corpus", "SFT ppl", "PPO ppl", "SFT reward", "PPO reward", "delta",
               "win rate", "paired win (95% CI)", "distinct-1/2 SFT", "distinct-1/2 PPO",
-              "ROUGE-1/2/L PPO", "BLEU PPO", "judge delta", "RM acc", "KL", "flags", "confirmed",
+              "ROUGE-1/2/L PPO", "BLEU PPO", "gold delta", "judge delta (95% CI)", "judge acc", "RM acc",
+              "KL", "flags", "confirmed",
               *(["objective"] if with_objective else []), *param_keys]
     lines = [_table_line(header), "|" + "---|" * len(header)]
     lines += [_table_line(_markdown_cells(row, param_keys, with_objective)) for row in rows]
     return "\n".join(lines)
 
 
+# `pipeline.confirmed_gain` in words, its thresholds read from the constants it applies.
+CONFIRM_RULE = (
+    f"a held-out reward gain (delta > 0) whose paired win rate's 95% CI lies above {CONFIRMED_MIN_WIN_RATE * 100:g}%; "
+    f"judge delta > 0 with the judge's paired 95% CI above {CONFIRMED_MIN_WIN_RATE * 100:g}%; "
+    f"judge held-out accuracy >= {CONFIRMED_MIN_ACCURACY:g} and, where the reward has a trained reward model, "
+    f"its held-out accuracy >= {CONFIRMED_MIN_ACCURACY:g}; no hacking flag; a finite KL <= {CONFIRMED_MAX_KL:g} "
+    "nats. The gold delta (ROUGE-L F1 against the real continuation) is reported, not required"
+)
+
+
 def confirmed_count(rows: list[dict]) -> str:
     """"Confirmed gains: N of M cells (...)": the cells whose gain `pipeline.confirmed_gain` believes."""
     confirmed = sum(bool(row.get("confirmed")) for row in rows if has_results(row))
-    return (f"Confirmed gains: {confirmed} of {len(rows)} cells (held-out reward gain whose paired win "
-            f"rate's 95% CI lies above 50%, judge delta > 0, no hacking flag, KL <= {CONFIRMED_MAX_KL:g} nats).")
+    return f"Confirmed gains: {confirmed} of {len(rows)} cells ({CONFIRM_RULE})."
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -229,11 +251,11 @@ def _variant_text(row: dict) -> str:
 
 
 def _csv_record(row: dict, param_keys: list[str]) -> dict:
-    """The row with flat columns: the CI as `_low`/`_high` in its place, params as `params.<key>`."""
+    """The row with flat columns: each CI as `_low`/`_high` in its place, params as `params.<key>`."""
     flat = {}
     for key, value in row.items():
-        if key == "paired_win_rate_ci":
-            flat["paired_win_rate_ci_low"], flat["paired_win_rate_ci_high"] = value
+        if key.endswith("_ci"):
+            flat[f"{key}_low"], flat[f"{key}_high"] = value if value is not None else (None, None)
         elif key == "hacking_flags":
             flat[key] = ";".join(value)
         elif key not in ("params", "reason"):
@@ -381,6 +403,8 @@ def _registry_cell(record: dict) -> dict:
         },
         "reward": {"fingerprint": fingerprints["reward"], "metrics": metrics.get("reward", {})},
         "fingerprints": fingerprints,
+        # The cell's own settings and where they came from (a search's budgets entry), or None.
+        "cell_overrides": record.get("cell_overrides"),
     }
 
 
