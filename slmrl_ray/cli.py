@@ -5,7 +5,7 @@
     slmrl-ray config --preset paper --model smollm2-360m      # print the resolved config
 
     slmrl-ray grid tune_configs/tiny_grid.yaml              # every cell as a Ray Tune trial
-    slmrl-ray search tune_configs/tiny_search.yaml          # Optuna over PPO KL coef and LR
+    slmrl-ray search tune_configs/tiny_search.yaml          # Optuna over PPO KL coef and LR; report/budgets.yaml
     slmrl-ray resume ~/slmrl_ray_results/tiny-grid          # continue after a crash (any URI)
     slmrl-ray report s3://bucket/slmrl-ray/tiny-grid        # results table, plots, registry.json
     slmrl-ray serve ~/slmrl_ray_results/tiny-grid           # OpenAI-compatible HTTP on 127.0.0.1
@@ -350,7 +350,7 @@ def _add_serve_command(commands) -> None:
 def _add_tune_commands(commands) -> None:
     for name, summary in (
         ("grid", "run every (model, corpus) cell of a tune config as a Ray Tune trial"),
-        ("search", "Optuna search over the PPO KL coefficient and learning rate, per cell"),
+        ("search", "Optuna search over the PPO KL coefficient, learning rate (and steps), per cell"),
     ):
         command = commands.add_parser(
             name, help=summary,

@@ -37,6 +37,14 @@ def test_every_shipped_tune_config_loads_and_builds_each_cell(path):
         assert experiment.config.search is not None
 
 
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.stem)
+def test_no_shipped_config_has_a_cell_override_without_the_search_that_chose_it(path):
+    """A cell's own settings come from a search (README: search -> budgets.yaml -> grid,
+    `pipeline.cell_overrides_from`), never from hand picks made by reading a grid's own numbers."""
+    cell_overrides = load_tune_config(path).config.pipeline.cell_overrides
+    assert [cell for cell, entry in cell_overrides.items() if entry.hand_picked] == []
+
+
 def test_grid_axes_cross_the_cells_after_a_prepare_phase(tmp_path):
     experiment = load_tune_config(REPO / "tune_configs" / "tiny_algorithms.yaml")
     assert [[(p.name, p.stages) for p in lane] for lane in phases(experiment, "grid")] == [
@@ -60,9 +68,11 @@ def test_grid_defaults_to_all_fifteen_cells_in_the_study_order():
     assert experiment.cells[0] == "pythia-70m/tinystories"
     # The tune config's overrides reach every cell's pipeline config.
     assert experiment.cell_config("smollm2-360m/wikitext").judge.source == "split"
+    assert experiment.cell_config("smollm2-360m/wikitext").judge.base_model == "other_family"
     assert experiment.cell_config("pythia-70m/cnn_dailymail").reward.max_steps == 300  # its corpus_overrides
-    reward = experiment.cell_config("smollm2-360m/cnn_dailymail").reward  # its cell_overrides, applied last
-    assert (reward.max_steps, reward.learning_rate) == (450, 1e-3)
+    reward = experiment.cell_config("smollm2-360m/cnn_dailymail").reward  # corpus, then model overrides
+    assert (reward.max_steps, reward.learning_rate) == (300, 1e-3)
+    assert experiment.cell_config("smollm2-135m/cnn_dailymail").reward.learning_rate == 2e-3
 
 
 def test_sampled_values_become_pipeline_overrides(tmp_path):
@@ -121,6 +131,9 @@ def test_cell_overrides_apply_to_that_cell_only_after_the_model_ones(tmp_path):
         ("name: x\nresources: {cpus: 2}\n", "resources.cpus: unknown key"),
         ("name: x\nsearch: {kl_coef: {low: 0.2, high: 0.1}}\n", "search.kl_coef: a range needs"),
         ("name: x\nsearch: {objective: {kind: best}}\n", "search.objective.kind"),
+        ("name: x\nsearch: {steps: [0, 20]}\n", "search: steps: the PPO step counts to choose from must be"),
+        ("name: x\nsearch: {steps: [20, 20]}\n", "search: steps: the PPO step counts to choose from must be"),
+        ("name: x\nsearch: {steps: [20, 20.5]}\n", r"search.steps\[1\]: expected an integer"),
         ("name: x\ncells: [pythia-70m/imagenet]\n", "cells: pythia-70m/imagenet: corpus"),
         ("name: x\npipeline: {preset: tiny, overrides: [ppo.stepz=3]}\n", "ppo.stepz: unknown key"),
         ("name: x\nstages: [sft, deploy]\n", "stages: 'deploy'"),
@@ -223,10 +236,10 @@ def test_a_judge_objective_scores_the_final_gain_with_the_judge(tmp_path):
     assert {k: final[k] for k in ("objective", "reward_gain", "kl")} == pytest.approx(
         {"objective": -0.2 - 0.1, "reward_gain": -0.2, "kl": 1.0})
     # A search that asks for the judge without one in the pipeline config is refused up front.
-    text = "name: s\nsearch: {objective: {score: judge}}\n"
+    text = "name: s\npipeline: {overrides: [judge.source=none]}\nsearch: {objective: {score: judge}}\n"
     with pytest.raises(ConfigError, match="search.objective.score: `judge` needs a judge"):
         load_tune_config(write(tmp_path, text))
-    judged = "name: s\npipeline: {overrides: [judge.source=split]}\nsearch: {objective: {score: judge}}\n"
+    judged = "name: s\nsearch: {objective: {score: judge}}\n"  # the tiny preset's judge
     assert load_tune_config(write(tmp_path, judged)).config.search.objective.score == "judge"
 
 
@@ -273,6 +286,28 @@ def test_search_settings_reach_optuna_asha_and_the_concurrency_limit(tmp_path):
         "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
         "search: {scheduler: {grace_period: 30}}\n")))
     assert isinstance(_search_tune_config(few, phases(few, "search")[0][1], 0).scheduler, FIFOScheduler)
+
+
+def test_searched_ppo_steps_become_overrides_and_asha_rungs_lie_below_the_shortest_choice(tmp_path):
+    from slmrl_ray.tuning.experiment import _param_space, _search_tune_config
+
+    experiment = load_tune_config(write(tmp_path, (
+        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=50]}\n"
+        "search: {steps: [20, 40], scheduler: {grace_period: 5}}\n")))
+    phase = phases(experiment, "search")[0][1]
+    tune_config = _search_tune_config(experiment, phase, index=0)
+    # Below the shortest choice (20), not the pipeline config's 50: a 20-step trial is always evaluated.
+    assert [rung for rung, _ in tune_config.scheduler._brackets[0]._rungs] == [10, 5]
+    searcher = tune_config.search_alg.searcher
+    searcher.set_search_properties(None, None, _param_space(experiment, phase, None))
+    chosen = set()
+    for trial in range(8):
+        sampled = searcher.suggest(f"t{trial}")["search"]
+        assert sorted(sampled) == ["ppo.init_kl_coef", "ppo.learning_rate", "ppo.steps"]
+        config = experiment.cell_config("pythia-70m/tinystories", sampled)
+        assert config.ppo.steps == sampled["ppo.steps"] and config.ppo.init_kl_coef == sampled["ppo.init_kl_coef"]
+        chosen.add(config.ppo.steps)
+    assert chosen == {20, 40}
 
 
 @pytest.mark.parametrize("steps, grace, rf", [(16, 8, 2), (32, 4, 2), (27, 3, 3), (9, 8, 2), (100, 10, 3)])

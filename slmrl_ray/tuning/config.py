@@ -3,10 +3,12 @@
 A tune config names a pipeline config (a preset or a file, plus `a.b.c=value`
 overrides), the cells to run (all 5 x 3 by default), the storage URI, per-trial
 resources, retries, and for `slmrl-ray search` the Optuna search over the PPO KL
-coefficient and learning rate. Loading is strict like the pipeline config (same loader,
-same dotted-path errors), and every cell's pipeline config is built once at load time,
-so a typo fails before Ray starts. A trial's sampled values reach the pipeline config as
-overrides in one place, `cell_config`.
+coefficient, learning rate and (optionally) steps. Loading is strict like the pipeline
+config (same loader, same dotted-path errors), and every cell's pipeline config is built
+once at load time, so a typo fails before Ray starts. A trial's sampled values reach the
+pipeline config as overrides in one place, `cell_config`. A cell's own settings come from a
+search's `budgets.yaml` (`pipeline.cell_overrides_from`, see `slmrl_ray.tuning.budgets`) or
+name the search that chose them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ from slmrl_ray.config import (
     config_from_dict,
     load_raw,
     preset_path,
+    to_dict,
 )
+from slmrl_ray.tuning.budgets import (
+    CellOverrides,
+    cell_entries_as_mappings,
+    check_eval_prompts,
+    with_cell_budgets,
+)
+
 
 class ExperimentError(RuntimeError):
     """Trials failed for good (after their retries), or an experiment cannot start or resume."""
 
 
 # The values a search samples, as pipeline config keys.
-SEARCHED_KEYS = {"kl_coef": "ppo.init_kl_coef", "learning_rate": "ppo.learning_rate"}
+SEARCHED_KEYS = {"kl_coef": "ppo.init_kl_coef", "learning_rate": "ppo.learning_rate", "steps": "ppo.steps"}
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,13 @@ class PipelineSource:
     # model key -> `a.b.c=value`s applied after the corpus's to that model's cells (e.g. a
     # larger KL coefficient for a model that drifts further per step)
     model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # "model/corpus" -> `a.b.c=value`s applied last, to that one cell (a budget that only one
-    # model on one corpus needs, without moving the other cells' results)
-    cell_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "model/corpus" -> `{overrides: [a.b.c=value, ...], search: <the search run that chose them>}`,
+    # applied last, to that one cell (a bare list, naming no search, is a hand pick: see `CellOverrides`)
+    cell_overrides: dict[str, CellOverrides] = field(default_factory=dict)
+    # A search's budgets.yaml, or the search experiment's folder or URI (a local path is relative to
+    # the tune config): its cells join `cell_overrides` at load time, provenance and all, and this
+    # key is dropped, so experiment.json holds the settings and `resume` reads no file.
+    cell_overrides_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,9 @@ class Search:
     learning_rate: Range = Range(1e-6, 2e-5)
     objective: Objective = field(default_factory=Objective)
     scheduler: Scheduler = field(default_factory=Scheduler)
+    # PPO steps as a categorical choice, e.g. [40, 60, 80]; empty: not searched (the pipeline
+    # config's). ASHA's rungs then lie below the shortest choice (`asha_scheduler`).
+    steps: tuple[int, ...] = ()
     seed: int = 0  # each cell's sampler gets seed + its index
     # The held-out prompts' share that the objective reads; the report shows the other share,
     # so a search is not graded on the prompts it was tuned on.
@@ -125,6 +142,8 @@ class Search:
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError("validation_fraction: must lie strictly between 0 and 1")
+        if any(steps <= 0 for steps in self.steps) or len(set(self.steps)) != len(self.steps):
+            raise ConfigError("steps: the PPO step counts to choose from must be distinct positive integers")
 
 
 @dataclass(frozen=True)
@@ -204,12 +223,18 @@ class TuneExperiment:
         """The one place where a cell and a trial's sampled (or grid) values become a pipeline config."""
         model, corpus = cell.split("/")
         source = self.config.pipeline
+        own = source.cell_overrides[cell].overrides if cell in source.cell_overrides else ()
         overrides = [*source.overrides, *source.corpus_overrides.get(corpus, ()), *source.model_overrides.get(model, ()),
-                     *source.cell_overrides.get(cell, ()), f"model={model}", f"corpus={corpus}"]
+                     *own, f"model={model}", f"corpus={corpus}"]
         overrides += [f"{key}={json.dumps(value)}" for key, value in (sampled or {}).items()]
         if output_dir is not None:
             overrides.append(f"output_dir={output_dir}")
         return config_from_dict(apply_overrides(self.base, overrides))
+
+    def cell_provenance(self, cell: str) -> dict | None:
+        """The cell's `cell_overrides` entry as plain data (its settings and where they came from), or None."""
+        entry = self.config.pipeline.cell_overrides.get(cell)
+        return to_dict(entry) if entry is not None else None
 
 
 def _pipeline_base(source: PipelineSource, relative_to: Path) -> dict:
@@ -233,8 +258,12 @@ def _cells(cfg: TuneFileConfig, base: PipelineConfig) -> tuple[str, ...]:
 
 def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str = "<dict>",
                          base: dict | None = None) -> TuneExperiment:
-    """Validate a tune config; `base` (the resolved pipeline config) skips reading its source again."""
-    cfg = build_dataclass(TuneFileConfig, data)
+    """Validate a tune config; `base` (the resolved pipeline config) skips reading its source again.
+
+    A budgets file named by `pipeline.cell_overrides_from` is read here, into the returned `raw`.
+    """
+    data = with_cell_budgets(data, relative_to)
+    cfg = build_dataclass(TuneFileConfig, cell_entries_as_mappings(data))
     base = base if base is not None else _pipeline_base(cfg.pipeline, relative_to)
     try:
         default = config_from_dict(apply_overrides(base, list(cfg.pipeline.overrides)))
@@ -249,12 +278,20 @@ def experiment_from_dict(data: dict, relative_to: Path = Path("."), source: str 
     for model in cfg.pipeline.model_overrides:
         if model not in default.models:
             raise ConfigError(f"pipeline.model_overrides.{model}: unknown model (known: {', '.join(default.models)})")
-    for cell in cfg.pipeline.cell_overrides:
+    for cell, entry in cfg.pipeline.cell_overrides.items():
         model, _, corpus = cell.partition("/")
         if model not in default.models or corpus not in default.corpora:
             raise ConfigError(f"pipeline.cell_overrides.{cell}: not a model/corpus cell of the pipeline config "
-                              f"(models: {', '.join(default.models)}; corpora: {', '.join(default.corpora)})")
+                              f"(models: {', '.join(default.models)}; corpora: {', '.join(default.corpora)})"
+                              + (f", read from {entry.budgets}" if entry.budgets else ""))
     experiment = TuneExperiment(cfg, data, base, _cells(cfg, default), source)
+    for cell, entry in cfg.pipeline.cell_overrides.items():
+        try:
+            config = experiment.cell_config(cell)
+        except ConfigError as error:
+            raise ConfigError(f"pipeline.cell_overrides.{cell}: {error}"
+                              + (f" (read from {entry.budgets})" if entry.budgets else "")) from None
+        check_eval_prompts(cell, entry, config)
     for cell in experiment.cells:
         if cell.count("/") != 1:
             raise ConfigError(f"cells: {cell!r} is not of the form model/corpus")

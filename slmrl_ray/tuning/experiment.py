@@ -13,7 +13,7 @@ Storage layout, under `<storage_path>/<name>/` (any URI `slmrl_ray.storage` take
     grid-<model>-<corpus>/     an axes grid's variants of one cell
     results/<trial_id>.json    one record per finished (or diverged) cell trial
     failures/<phase>-<id>.json a trial that failed after its retries, or a cell skipped for it
-    report/                    results.{md,csv,json}, PNG plots, registry.json
+    report/                    results.{md,csv,json}, PNG plots, registry.json; a search's budgets.yaml
 
 Each phase is a `Tuner`. A search (or an axes grid) has a lane per cell, its prepare then
 its search; the lanes run side by side, each in a Ray task on the driver's node, sharing
@@ -191,6 +191,7 @@ def asha_scheduler(steps: int, grace_period: int, reduction_factor: int):
     Ray puts rungs at `grace x rf^k` up to `max_t`, so `max_t = steps` would put one at the
     last PPO step and stop a finished trial before its policy is evaluated. `max_t = steps - 1`
     keeps them all below; with `stop_last_trials=False` ASHA never stops a trial for reaching it.
+    A search over `search.steps` passes its shortest choice: every rung lies below every trial's last step.
     """
     from ray.tune.schedulers import ASHAScheduler
 
@@ -214,7 +215,7 @@ def _search_tune_config(experiment: TuneExperiment, phase: Phase, index: int):
         scheduler = None
     else:
         searcher = final_objective_optuna(metric="objective", mode="max", seed=search.seed + index)
-        scheduler = asha_scheduler(cell_config.ppo.steps, search.scheduler.grace_period,
+        scheduler = asha_scheduler(min(search.steps or (cell_config.ppo.steps,)), search.scheduler.grace_period,
                                    search.scheduler.reduction_factor) if search.scheduler.kind == "asha" else None
     return tune.TuneConfig(
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
@@ -230,11 +231,10 @@ def _param_space(experiment: TuneExperiment, phase: Phase, todo: list[dict] | No
     if phase.kind != "search":
         return {"unit": tune.grid_search(todo)}
     search = experiment.config.search
-    ranges = {"kl_coef": search.kl_coef, "learning_rate": search.learning_rate}
-    space = {
-        SEARCHED_KEYS[name]: (tune.loguniform if r.log else tune.uniform)(r.low, r.high)
-        for name, r in ranges.items()
-    }
+    space = {SEARCHED_KEYS[name]: (tune.loguniform if r.log else tune.uniform)(r.low, r.high)
+             for name, r in (("kl_coef", search.kl_coef), ("learning_rate", search.learning_rate))}
+    if search.steps:  # a categorical choice (see `asha_scheduler`)
+        space[SEARCHED_KEYS["steps"]] = tune.choice(list(search.steps))
     return {"cell": phase.cells[0], "search": space}
 
 
@@ -250,9 +250,7 @@ def _tuner(experiment: TuneExperiment, phase: Phase, index: int, root: Storage, 
     if phase.kind == "search":
         tune_config = _search_tune_config(experiment, phase, index)
     else:
-        tune_config = tune.TuneConfig(
-            reuse_actors=True, max_concurrent_trials=experiment.config.max_concurrent_trials
-        )
+        tune_config = tune.TuneConfig(reuse_actors=True, max_concurrent_trials=experiment.config.max_concurrent_trials)
     return tune.Tuner(
         trainable,
         param_space=_param_space(experiment, phase, todo),
@@ -471,17 +469,19 @@ def placeholders(root: Storage, records: list[dict]) -> list[dict]:
 
 
 def write_report(root: Storage, log: Callable[[str], None] = print) -> dict:
-    """Results table, plots and registry.json from the cell records, into `<root>/report/`.
+    """Results table, plots, registry.json and a search's budgets.yaml from the cell records, into `<root>/report/`.
 
     Every cell and variant the manifest asks for gets a row: its results, or its state
     (diverged, failed, skipped, not run) and why.
     """
+    from slmrl_ray.tuning.budgets import write_budgets
     from slmrl_ray.tuning.report import format_summary, write_report as write_files
 
     records = load_records(root)
     records += placeholders(root, records)
     with tempfile.TemporaryDirectory(prefix="slmrl-report-") as folder:
         summary = write_files(records, Path(folder))
+        write_budgets(root.child(MANIFEST).read_json(), root.uri, records, Path(folder))  # a search's only
         root.child("report").upload(Path(folder))
     log(format_summary(summary["rows"]) if summary["rows"] else "no finished cells yet")
     log(f"report: {root.child('report').uri}")

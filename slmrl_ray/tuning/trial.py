@@ -16,7 +16,8 @@ plugged in:
 A diverged PPO run (or a failed training check) is recorded once (`diverged`, with its
 error) and ends the trial without a retry; in a search it scores `diverged_score`, never a
 good score. In a prepare trial it ends the trial too, and the phase records the failure.
-When the cell is done, its record (metrics, fingerprints, params, objective) goes to
+When the cell is done, its record (metrics, fingerprints, params, objective, the cell's own
+settings with their provenance, library versions) goes to
 `<experiment>/results/<trial_id>.json`, where `slmrl-ray report` reads it. The scratch
 folder goes however the trial ends (done, stopped, failed); one left by a killed process
 is pruned by the next attempt on that node.
@@ -48,6 +49,7 @@ from slmrl_ray.stages.ppo_state import (
     log_path,
 )
 from slmrl_ray.storage import ArtifactStore, Storage, file_digests
+from slmrl_ray.tuning.budgets import library_versions
 from slmrl_ray.tuning.config import Objective, TuneExperiment
 
 
@@ -328,7 +330,8 @@ def _run_cell(experiment: TuneExperiment, kind: str, stages: tuple[str, ...], st
     if tracker is not None:
         tracker.load_log(log_path(paths.ppo))
     reporter = TuneReporter(paths, tracker, cell, crash, faults.diverge_at_ppo_step if faulty else None)
-    record = CellRecord(experiment.config.name, kind, trial_id, config, sampled, resumed_step)
+    record = CellRecord(experiment.config.name, kind, trial_id, config, sampled, resumed_step,
+                        experiment.cell_provenance(cell))
 
     try:
         results = run_pipeline(config, stages, report=reporter, store=store, log=lambda line: print(f"[{cell}] {line}"))
@@ -361,9 +364,10 @@ class CellRecord:
     """The record of a finished cell that `slmrl-ray report` and the serving registry read."""
 
     def __init__(self, experiment: str, kind: str, trial_id: str, config: PipelineConfig,
-                 sampled: dict, resumed_step: int) -> None:
+                 sampled: dict, resumed_step: int, cell_overrides: dict | None = None) -> None:
         self.experiment, self.kind, self.trial_id = experiment, kind, trial_id
         self.config, self.sampled, self.resumed_step = config, sampled, resumed_step
+        self.cell_overrides = cell_overrides  # the cell's own settings and where they came from
         self.started = time.time()
         import ray
         from ray import tune
@@ -381,6 +385,8 @@ class CellRecord:
             "model": config.model,
             "corpus": config.corpus,
             "params": self.sampled,
+            "cell_overrides": self.cell_overrides,  # a search's budgets entry (with provenance), a hand pick, or None
+            "versions": library_versions(),
             "objective": objective,
             "diverged": diverged,
             "error": error,
