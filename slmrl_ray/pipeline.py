@@ -228,8 +228,8 @@ def format_row(row: dict) -> str:
         f"{row['ppo_bleu']:.2f}",
         format_optional(row.get("gold_delta"), "+.3f"),
         format_judge(row),
-        format_optional(row.get("judge_accuracy"), ".2f"),
-        format_optional(row.get("rm_accuracy"), ".2f"),
+        format_optional(row.get("judge_accuracy"), ".3f"),  # 3 places: 0.846 must not read as the 0.85 floor
+        format_optional(row.get("rm_accuracy"), ".3f"),
         format_optional(row.get("kl"), ".1f"),
         ", ".join(row.get("hacking_flags") or []) or "none",
         "yes" if row.get("confirmed") else "no",

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from slmrl_ray.config import ConfigError
-from slmrl_ray.tuning.budgets import BUDGETS, write_budgets
+from slmrl_ray.tuning.budgets import BUDGETS
+from slmrl_ray.tuning.budgets_writer import write_budgets
 from slmrl_ray.tuning.config import experiment_from_dict, load_tune_config
 from slmrl_ray.tuning.experiment import MANIFEST, experiment_root, write_manifest
 

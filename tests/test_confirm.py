@@ -122,7 +122,7 @@ def test_the_legend_states_the_thresholds_the_rule_applies():
 def test_format_row_shows_the_judge_interval_both_accuracies_and_the_gold_delta(row):
     header, _, cells = format_row(row).splitlines()
     assert "| gold delta | judge delta (95% CI) | judge acc | RM acc | KL | flags | confirmed |" in header
-    assert cells.endswith("| +0.020 | +0.900 (60.0%-72.0%) | 0.95 | 0.97 | 3.0 | none | yes |")
+    assert cells.endswith("| +0.020 | +0.900 (60.0%-72.0%) | 0.950 | 0.970 | 3.0 | none | yes |")
 
 
 def test_gold_comparison_pairs_the_two_policies_per_prompt():

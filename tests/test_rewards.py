@@ -154,7 +154,8 @@ def test_split_judge_is_trained_on_disjoint_pairs_and_scores_evaluation(run_copy
 
     base, paths = run_copy
     config = load_config(preset="tiny", overrides=[
-        f"output_dir={base.output_dir}", "judge.source=split", "ppo.steps=6", "eval.num_prompts=16"])
+        f"output_dir={base.output_dir}", "judge.source=split", "judge.pairs=study", "ppo.steps=6",
+        "eval.num_prompts=16"])  # the study's pairs split in two (other recipes: tests/test_judge.py)
     parts = training_pairs(config, paths)
     model_prompts = {p.prompt for p in parts["model"]}
     judge_prompts = {p.prompt for p in parts["judge"]}
@@ -172,6 +173,13 @@ def test_split_judge_is_trained_on_disjoint_pairs_and_scores_evaluation(run_copy
     assert judge["delta"] == pytest.approx(
         evaluation["ppo"]["judge_reward"]["mean"] - evaluation["sft"]["judge_reward"]["mean"])
     assert judge["gap"] == pytest.approx(judge["reward_standardized_delta"] - judge["standardized_delta"])
+    # Evaluation measures the judge on the held-out pairs through the scorer the reward stage used.
+    assert judge["heldout_accuracy"] == pytest.approx(reward["judge_heldout_accuracy"])
+    assert judge["heldout_pairs"] == reward["judge_heldout_pairs"] > 0
+    assert {"win_rate", "ci_low", "ci_high"} <= set(judge["paired_win_rate"])
+    gold = evaluation["gold"]  # per-prompt ROUGE-L against the references: its mean is the policy's ROUGE-L
+    assert gold["sft"] == pytest.approx(evaluation["sft"]["rougeL"]) and gold["ppo"] == pytest.approx(
+        evaluation["ppo"]["rougeL"])
     assert isinstance(evaluation["hacking_flags"], list)
     samples = [json.loads(line) for line in (paths.eval / "samples_ppo.jsonl").read_text().splitlines()]
     assert all("judge" in s for s in samples)

@@ -474,7 +474,7 @@ def write_report(root: Storage, log: Callable[[str], None] = print) -> dict:
     Every cell and variant the manifest asks for gets a row: its results, or its state
     (diverged, failed, skipped, not run) and why.
     """
-    from slmrl_ray.tuning.budgets import write_budgets
+    from slmrl_ray.tuning.budgets_writer import write_budgets
     from slmrl_ray.tuning.report import format_summary, write_report as write_files
 
     records = load_records(root)

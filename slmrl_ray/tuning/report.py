@@ -13,7 +13,7 @@ for a search -- and writes into a local folder:
 - `registry.json`: per cell, the SFT, reward and PPO stages' fingerprints with their metrics, for
   serving, which finds the committed artifacts under the experiment's root where it is now, and
   the cell's own settings with their provenance (`cell_overrides`).
-(A search's `budgets.yaml`, its per-cell choice for a grid, is `slmrl_ray.tuning.budgets`'s.)
+(A search's `budgets.yaml`, its per-cell choice for a grid, is written by `slmrl_ray.tuning.budgets_writer`.)
 
 No Ray here, and no storage access: the caller gathers the records and uploads the folder, so
 the report can be rebuilt from any process, and tested, without a cluster.
