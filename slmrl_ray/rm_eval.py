@@ -204,7 +204,8 @@ def evaluate(entry: RewardModelEntry, prefs: PreferenceSet, categories: Mapping[
     scores, average = aggregate({s: r["accuracy"] for s, r in subsets.items()},
                                 {s: r["count"] for s, r in subsets.items()}, categories)
     return {"name": entry.name, "kind": entry.kind, "source": entry.source, "revision": entry.revision,
-            "accuracy": float(((chosen - rejected) > 0).float().mean()), "subsets": subsets,
+            # counted, not a float32 mean: a one-subset set's accuracy equals its subset's exactly
+            "accuracy": int(((chosen - rejected) > 0).sum()) / len(chosen), "subsets": subsets,
             "categories": scores, "average": average}
 
 

@@ -97,8 +97,9 @@ def test_rm_eval_on_a_four_category_set_matches_per_pair_scores(neox_run, tmp_pa
                   "Safety": section("refusals-dangerous", "xstest-should-respond"),
                   "Reasoning": section("math-prm", "hep-python", "hep-go")}
 
-    pipeline, external = report["models"]
+    pipeline, judge, external = report["models"]  # the run's reward model and its judge, then --reward-model
     assert (pipeline["kind"], pipeline["name"]) == ("pipeline", "pythia-70m/tinystories reward/model")
+    assert (judge["kind"], judge["name"]) == ("pipeline", "pythia-70m/tinystories reward/judge")
     assert (external["kind"], external["source"]) == ("external", str(paths.reward / "model"))
     assert {s: r["accuracy"] for s, r in pipeline["subsets"].items()} == pytest.approx(expected)
     assert all(r["count"] == 8 for r in pipeline["subsets"].values())
