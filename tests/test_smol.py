@@ -115,8 +115,12 @@ def test_the_real_model_is_served_through_the_openai_client(client, smol_run):
     assert {m.id for m in client.models.list().data} == {f"{stage}/{CELL}" for stage in ("sft", "ppo", "reward")}
 
     # The chat route applies SmolLM2's own chat template: the instruct model still knows its facts.
+    # (Asked bare, the base model says "The capital of France is Paris." and this 2-step SFT model,
+    # since the data split by prompt gave it other batches, drifts into French names: greedy
+    # decoding near a tie. Asked for one word, it answers "The capital of France is Paris.")
+    question = "What is the capital of France? Answer in one word."
     chat = client.chat.completions.create(model=f"sft/{CELL}", max_tokens=24, temperature=0,
-                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+                                          messages=[{"role": "user", "content": question}])
     assert "Paris" in chat.choices[0].message.content
 
     completion = client.completions.create(model=f"ppo/{CELL}", prompt="Once upon a time, a little girl named Lily",
