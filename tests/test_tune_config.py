@@ -265,14 +265,19 @@ def test_cli_exit_codes_for_a_bad_tune_config_and_a_folder_that_is_no_experiment
     assert main(["resume", str(tmp_path)]) == 1
 
 
+def one_cell_search(tmp_path, ppo_steps: int, search: str):
+    """A search of pythia-70m/tinystories with `ppo_steps` PPO steps and the `search:` flow mapping `search`."""
+    return load_tune_config(write(tmp_path, (
+        "name: x\ncells: [pythia-70m/tinystories]\n"
+        f"pipeline: {{preset: tiny, overrides: [ppo.steps={ppo_steps}]}}\nsearch: {search}\n")))
+
+
 def test_search_settings_reach_optuna_asha_and_the_concurrency_limit(tmp_path):
     from ray.tune.schedulers import FIFOScheduler
 
     from slmrl_ray.tuning.experiment import _search_tune_config
 
-    experiment = load_tune_config(write(tmp_path, (
-        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
-        "search: {num_samples: 6, max_concurrent: 3, scheduler: {grace_period: 5}}\n")))
+    experiment = one_cell_search(tmp_path, 30, "{num_samples: 6, max_concurrent: 3, scheduler: {grace_period: 5}}")
     search_phase = phases(experiment, "search")[0][1]
     tune_config = _search_tune_config(experiment, search_phase, index=2)
     assert tune_config.num_samples == 6 and tune_config.search_alg.max_concurrent == 3
@@ -282,18 +287,14 @@ def test_search_settings_reach_optuna_asha_and_the_concurrency_limit(tmp_path):
     assert (scheduler._time_attr, scheduler.metric, scheduler._mode) == ("ppo_step", "running_objective", "max")
     assert [rung for rung, _ in scheduler._brackets[0]._rungs] == [20, 10, 5]
 
-    few = load_tune_config(write(tmp_path, (
-        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=30]}\n"
-        "search: {scheduler: {grace_period: 30}}\n")))
+    few = one_cell_search(tmp_path, 30, "{scheduler: {grace_period: 30}}")
     assert isinstance(_search_tune_config(few, phases(few, "search")[0][1], 0).scheduler, FIFOScheduler)
 
 
 def test_searched_ppo_steps_become_overrides_and_asha_rungs_lie_below_the_shortest_choice(tmp_path):
     from slmrl_ray.tuning.experiment import _param_space, _search_tune_config
 
-    experiment = load_tune_config(write(tmp_path, (
-        "name: x\ncells: [pythia-70m/tinystories]\npipeline: {preset: tiny, overrides: [ppo.steps=50]}\n"
-        "search: {steps: [20, 40], scheduler: {grace_period: 5}}\n")))
+    experiment = one_cell_search(tmp_path, 50, "{steps: [20, 40], scheduler: {grace_period: 5}}")
     phase = phases(experiment, "search")[0][1]
     tune_config = _search_tune_config(experiment, phase, index=0)
     # Below the shortest choice (20), not the pipeline config's 50: a 20-step trial is always evaluated.
